@@ -1,0 +1,1 @@
+"""precis: streaming summarization on AWS serverless."""

@@ -1,0 +1,259 @@
+"""DynamoDB adapters: API keys, request records (with the cancel flag and checkpoints) and idempotency keys.
+
+RequestsTable is keyed by `pk` and holds two kinds of item:
+- `request#<id>`: one streaming request: owner, status, text so far, usage, cost, timings;
+- `idempotency#<user>#<sha256(key)>`: which request an Idempotency-Key started, and a fingerprint of
+  the body it came with.
+Both expire through the table's TTL attribute `expires_at`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, Literal
+
+from botocore.exceptions import ClientError
+from pydantic import Field
+
+from precis.domain.errors import ConflictError, InvalidInputError, NotFoundError
+from precis.domain.models import FinishReason, Frozen, Usage
+
+if TYPE_CHECKING:
+    from precis.domain.summarize import Outcome
+
+RequestStatus = Literal["in_progress", "completed", "cancelled", "failed"]
+
+_STATUS: dict[FinishReason, RequestStatus] = {
+    FinishReason.STOP: "completed",
+    FinishReason.LENGTH: "completed",
+    FinishReason.CANCELLED: "cancelled",
+    FinishReason.ERROR: "failed",
+    FinishReason.TIMEOUT: "failed",
+}
+
+
+def hash_key(api_key: str) -> str:
+    """API keys are stored only as their SHA-256: a leaked table leaks no usable key."""
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+def _conditional_failed(exc: ClientError) -> bool:
+    return exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException"
+
+
+def _plain(value: Any) -> Any:
+    """DynamoDB numbers come back as Decimal: integers become int, the rest float."""
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+class Principal(Frozen):
+    """Who is calling: resolved from an API key."""
+
+    user_id: str
+    tier: str
+
+
+class KeyStore:
+    def __init__(self, table: Any) -> None:
+        self.table = table
+
+    def find(self, api_key: str) -> Principal | None:
+        item = self.table.get_item(Key={"key_hash": hash_key(api_key)}).get("Item")
+        if item is None or item.get("revoked"):
+            return None
+        return Principal(user_id=item["user_id"], tier=item["tier"])
+
+    def add(self, api_key: str, user_id: str, tier: str = "free") -> None:
+        self.table.put_item(
+            Item={"key_hash": hash_key(api_key), "user_id": user_id, "tier": tier, "created_at": int(time.time())}
+        )
+
+
+class RequestError(Frozen):
+    code: str
+    message: str
+    retryable: bool
+
+
+class RequestRecord(Frozen):
+    """A streaming request as `GET /v1/requests/{id}` shows it."""
+
+    request_id: str
+    user_id: str = Field(exclude=True)
+    status: RequestStatus
+    model: str
+    style: str
+    text: str = ""
+    usage: Usage = Usage()
+    cost_usd: float = 0.0
+    finish_reason: FinishReason | None = None
+    partial: bool = False
+    error: RequestError | None = None
+    latency_ms: dict[str, float] = {}
+    created_at: float
+    updated_at: float
+
+
+class RequestStore:
+    """Request records, the cancel flag and idempotency keys (implements `RequestJournal`)."""
+
+    def __init__(self, table: Any, ttl_days: int = 7) -> None:
+        self.table = table
+        self.ttl_s = ttl_days * 86_400
+
+    # Lifecycle --------------------------------------------------------------------------------
+
+    def create(self, request_id: str, user_id: str, model: str, style: str, input_tokens: int) -> None:
+        now = time.time()
+        self.table.put_item(
+            Item={
+                "pk": f"request#{request_id}",
+                "request_id": request_id,
+                "user_id": user_id,
+                "status": "in_progress",
+                "model": model,
+                "style": style,
+                "text": "",
+                "input_tokens": input_tokens,
+                "output_tokens": 0,
+                "created_at": Decimal(str(now)),
+                "updated_at": Decimal(str(now)),
+                "expires_at": int(now) + self.ttl_s,
+            },
+            ConditionExpression="attribute_not_exists(pk)",
+        )
+
+    def checkpoint(self, request_id: str, text: str, output_tokens: int) -> bool:
+        try:
+            self.table.update_item(
+                Key={"pk": f"request#{request_id}"},
+                UpdateExpression="SET #text = :text, output_tokens = :tokens, updated_at = :now",
+                ConditionExpression="attribute_exists(pk) AND attribute_not_exists(cancel_requested)",
+                ExpressionAttributeNames={"#text": "text"},
+                ExpressionAttributeValues={":text": text, ":tokens": output_tokens, ":now": Decimal(str(time.time()))},
+            )
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                return False
+            raise
+        return True
+
+    def finish(self, outcome: Outcome) -> None:
+        summary = outcome.summary
+        values: dict[str, Any] = {
+            ":status": _STATUS[summary.finish_reason],
+            ":text": summary.text,
+            ":input": outcome.usage.input_tokens,
+            ":output": outcome.usage.output_tokens,
+            ":cost": outcome.cost_usd,
+            ":finish": summary.finish_reason.value,
+            ":partial": summary.partial,
+            ":latency": {k: Decimal(str(v)) for k, v in outcome.latency_ms.items()},
+            ":error": None if outcome.error is None else outcome.error.model_dump(),
+            ":now": Decimal(str(time.time())),
+        }
+        self.table.update_item(
+            Key={"pk": f"request#{outcome.request_id}"},
+            UpdateExpression=(
+                "SET #status = :status, #text = :text, input_tokens = :input, output_tokens = :output, "
+                "cost_usd = :cost, finish_reason = :finish, partial = :partial, latency_ms = :latency, "
+                "#error = :error, updated_at = :now"
+            ),
+            ExpressionAttributeNames={"#status": "status", "#text": "text", "#error": "error"},
+            ExpressionAttributeValues=values,
+        )
+
+    def request_cancel(self, request_id: str, user_id: str) -> RequestRecord:
+        """Flag a running request for cancellation; the stream notices at its next checkpoint.
+        Cancelling a finished request changes nothing and returns it as it is."""
+        try:
+            item = self.table.update_item(
+                Key={"pk": f"request#{request_id}"},
+                UpdateExpression="SET cancel_requested = :yes",
+                ConditionExpression="attribute_exists(pk) AND user_id = :user AND #status = :running",
+                ExpressionAttributeNames={"#status": "status"},
+                ExpressionAttributeValues={":yes": True, ":user": user_id, ":running": "in_progress"},
+                ReturnValues="ALL_NEW",
+            )["Attributes"]
+        except ClientError as exc:
+            if not _conditional_failed(exc):
+                raise
+            return self.get(request_id, user_id)
+        return self._record(item)
+
+    def get(self, request_id: str, user_id: str) -> RequestRecord:
+        """The request, if it exists and belongs to `user_id`; anything else is NotFound."""
+        item = self.table.get_item(Key={"pk": f"request#{request_id}"}, ConsistentRead=True).get("Item")
+        if item is None or item["user_id"] != user_id:
+            raise NotFoundError(f"no request {request_id!r}")
+        return self._record(item)
+
+    @staticmethod
+    def _record(item: dict[str, Any]) -> RequestRecord:
+        item = _plain(item)
+        return RequestRecord(
+            request_id=item["request_id"],
+            user_id=item["user_id"],
+            status=item["status"],
+            model=item["model"],
+            style=item["style"],
+            text=item.get("text", ""),
+            usage=Usage(input_tokens=item.get("input_tokens", 0), output_tokens=item.get("output_tokens", 0)),
+            cost_usd=item.get("cost_usd", 0.0),
+            finish_reason=item.get("finish_reason"),
+            partial=item.get("partial", False),
+            error=item.get("error"),
+            latency_ms=item.get("latency_ms", {}),
+            created_at=item["created_at"],
+            updated_at=item["updated_at"],
+        )
+
+    # Idempotency ------------------------------------------------------------------------------
+
+    def claim_idempotency_key(self, user_id: str, key: str, fingerprint: str, request_id: str) -> str | None:
+        """Bind `key` to `request_id`. Returns None when this call claimed it, or the request id it
+        was already bound to. Reusing a key for a different body is an error, as in Stripe's API."""
+        pk = self._idempotency_pk(user_id, key)
+        try:
+            self.table.put_item(
+                Item={
+                    "pk": pk,
+                    "request_id": request_id,
+                    "fingerprint": fingerprint,
+                    "expires_at": int(time.time()) + self.ttl_s,
+                },
+                ConditionExpression="attribute_not_exists(pk)",
+            )
+        except ClientError as exc:
+            if not _conditional_failed(exc):
+                raise
+        else:
+            return None
+        item = self.table.get_item(Key={"pk": pk}, ConsistentRead=True)["Item"]
+        if item["fingerprint"] != fingerprint:
+            raise InvalidInputError("this Idempotency-Key was already used with a different request body")
+        existing: str = item["request_id"]
+        return existing
+
+    def release_idempotency_key(self, user_id: str, key: str) -> None:
+        """Undo a claim whose request never started, so that a retry with the key can run."""
+        self.table.delete_item(Key={"pk": self._idempotency_pk(user_id, key)})
+
+    def replayable(self, request_id: str, user_id: str) -> RequestRecord:
+        """The finished request an Idempotency-Key points to; still running is a conflict."""
+        record = self.get(request_id, user_id)
+        if record.status == "in_progress":
+            raise ConflictError("a request with this Idempotency-Key is still running; retry when it is done")
+        return record
+
+    @staticmethod
+    def _idempotency_pk(user_id: str, key: str) -> str:
+        return f"idempotency#{user_id}#{hashlib.sha256(key.encode()).hexdigest()}"

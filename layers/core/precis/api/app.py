@@ -1,0 +1,328 @@
+"""The gateway: `POST /v1/summarize` and the request endpoints, in one FastAPI app.
+
+`create_app(services)` wires nothing itself: services (stores, providers, summarizer) are built by
+`precis.wiring` in Lambda and by the local stack on a laptop, then passed in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import anyio.to_thread
+from fastapi import FastAPI, Header, Request
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+from starlette.responses import JSONResponse, Response
+
+from precis.adapters.dynamodb import KeyStore, Principal, RequestRecord, RequestStore
+from precis.api import errors
+from precis.api.sse import EventStreamResponse
+from precis.domain.catalog import Catalog, ModelSpec
+from precis.domain.chunking import plan_chunks
+from precis.domain.errors import InputTooLargeError, InvalidInputError, NotFoundError, UnauthenticatedError
+from precis.domain.models import (
+    Document,
+    DoneEvent,
+    ErrorEvent,
+    FinishReason,
+    Limits,
+    MetaEvent,
+    StreamEvent,
+    Style,
+    TokenEvent,
+    TokenBudget,
+)
+from precis.domain.prompts import prompt_scaffold
+from precis.domain.summarize import MAP_OUTPUT_TOKENS, Summarizer, SummaryTask
+from precis.domain.tokens import count_tokens
+from precis.observability import correlate, logger
+from precis.providers import ProviderFactory
+from precis.settings import Settings
+
+_REQUEST_ID = re.compile(r"^req_[0-9a-f]{32}$")
+_API_VERSION = "2026-11-27"
+
+
+class SummarizeRequest(BaseModel):
+    """Body of `POST /v1/summarize`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    text: Annotated[str, Field(min_length=1, description="The document to summarize (UTF-8).")]
+    style: Style = Style.PARAGRAPH
+    max_output_tokens: StrictInt | None = Field(default=None, ge=1, description="Defaults to the service's default.")
+    model: str | None = Field(default=None, max_length=256, description="Catalog id, e.g. `local?ttft_ms=500`.")
+
+
+@dataclass
+class Services:
+    settings: Settings
+    keys: KeyStore
+    requests: RequestStore
+    providers: ProviderFactory
+    summarizer: Summarizer
+    catalog: Catalog = field(default_factory=Catalog.bundled)
+    streams_in_flight: int = 0
+    _key_cache: dict[str, tuple[float, Principal]] = field(default_factory=dict)
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        scheme, _, api_key = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not api_key.strip():
+            raise UnauthenticatedError("missing API key: send `Authorization: Bearer <key>`")
+        api_key = api_key.strip()
+        cached = self._key_cache.get(api_key)
+        if cached is not None and time.monotonic() - cached[0] < self.settings.key_cache_s:
+            return cached[1]
+        principal = await anyio.to_thread.run_sync(self.keys.find, api_key)
+        if principal is None:
+            raise UnauthenticatedError("unknown or revoked API key")
+        self._key_cache[api_key] = (time.monotonic(), principal)
+        return principal
+
+
+async def read_json(request: Request, max_bytes: int) -> Any:
+    """The body as JSON, checked in the order a client can fix it: type, size, encoding, syntax."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        raise _UnsupportedMediaType(f"send the body as application/json, not {content_type or 'nothing'!r}")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise InputTooLargeError(f"the body is larger than {max_bytes} bytes")
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > max_bytes:
+            raise InputTooLargeError(f"the body is larger than {max_bytes} bytes")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _BadRequest("invalid_encoding", f"the body is not valid UTF-8 (byte {exc.start})") from exc
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise _BadRequest("invalid_json", f"the body is not valid JSON: {exc.msg} at line {exc.lineno}") from exc
+
+
+class _BadRequest(InvalidInputError):
+    status = 400
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _UnsupportedMediaType(InvalidInputError):
+    code = "unsupported_media_type"
+    status = 415
+
+
+def _validate(body: Any) -> SummarizeRequest:
+    if not isinstance(body, dict):
+        raise InvalidInputError("the body must be a JSON object")
+    try:
+        request = SummarizeRequest.model_validate(body)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
+        raise InvalidInputError(problems) from exc
+    if not request.text.strip():
+        raise InvalidInputError("text: the document is empty")
+    return request
+
+
+def _wants_json(accept: str | None) -> bool:
+    accept = (accept or "").lower()
+    return "application/json" in accept and "text/event-stream" not in accept
+
+
+def _replay_events(record: RequestRecord, tier: str, limits: Limits) -> list[StreamEvent]:
+    """A finished request, told again as a stream: the stored text in one token, then done."""
+    events: list[StreamEvent] = [
+        MetaEvent(
+            request_id=record.request_id,
+            model=record.model,
+            input_tokens=record.usage.input_tokens,
+            max_output_tokens=limits.max_output_tokens,
+            chunks=0,
+            tier=tier,
+            limits=limits,
+            replayed=True,
+        )
+    ]
+    if record.text:
+        events.append(TokenEvent(text=record.text, index=0))
+    if record.error is not None:
+        events.append(ErrorEvent(**record.error.model_dump(), partial=record.partial))
+    events.append(
+        DoneEvent(
+            finish_reason=record.finish_reason or FinishReason.ERROR,
+            usage=record.usage,
+            cost_usd=record.cost_usd,
+            latency_ms=record.latency_ms,
+            partial=record.partial,
+            summary=record.text,
+        )
+    )
+    return events
+
+
+def create_app(services: Services) -> FastAPI:
+    settings = services.settings
+    app = FastAPI(
+        title="precis",
+        version=_API_VERSION,
+        description="Streaming summarization. See README.md for the streaming contract.",
+    )
+    errors.install(app)
+    app.state.services = services
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "version": _API_VERSION, "streams_in_flight": services.streams_in_flight}
+
+    @app.post(
+        "/v1/summarize",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": SummarizeRequest.model_json_schema()}},
+            }
+        },
+        response_model=None,
+    )
+    async def summarize(
+        request: Request,
+        authorization: Annotated[str | None, Header()] = None,
+        accept: Annotated[str | None, Header()] = None,
+        idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+    ) -> Response:
+        principal = await services.authenticate(authorization)
+        raw = await read_json(request, settings.max_body_bytes)
+        body = _validate(raw)
+        spec = services.catalog.resolve(body.model or settings.default_model)
+        services.providers.validate(spec)
+        info = spec.info
+        max_output = body.max_output_tokens or min(settings.default_max_output_tokens, info.max_output_tokens)
+        if max_output > info.max_output_tokens:
+            raise InvalidInputError(f"max_output_tokens: at most {info.max_output_tokens} for model {info.id!r}")
+        limits = Limits(max_input_tokens=settings.max_input_tokens, max_output_tokens=info.max_output_tokens)
+        mode = "json" if _wants_json(accept) else "sse"
+
+        request_id = f"req_{secrets.token_hex(16)}"
+        if idempotency_key is not None:
+            fingerprint = hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()
+            existing = await anyio.to_thread.run_sync(
+                services.requests.claim_idempotency_key, principal.user_id, idempotency_key, fingerprint, request_id
+            )
+            if existing is not None:
+                record = await anyio.to_thread.run_sync(services.requests.replayable, existing, principal.user_id)
+                replay = _replay_events(record, principal.tier, limits)
+
+                async def replay_stored(emit: Any) -> None:
+                    for event in replay:
+                        await emit(event)
+
+                return EventStreamResponse(
+                    replay_stored,
+                    mode=mode,
+                    ping_interval_s=settings.ping_interval_s,
+                    headers={"x-request-id": record.request_id, "idempotent-replayed": "true"},
+                )
+
+        try:
+            task = await _prepare(services, principal, body, spec, max_output, limits, request_id)
+            await anyio.to_thread.run_sync(
+                services.requests.create, request_id, principal.user_id, info.id, body.style.value,
+                task.document_tokens,
+            )
+        except BaseException:
+            if idempotency_key is not None:
+                await anyio.to_thread.run_sync(
+                    services.requests.release_idempotency_key, principal.user_id, idempotency_key
+                )
+            raise
+
+        async def run(emit: Any) -> None:
+            correlate(request_id)
+            services.streams_in_flight += 1
+            try:
+                await services.summarizer.run(task, emit)
+            finally:
+                services.streams_in_flight -= 1
+
+        return EventStreamResponse(
+            run, mode=mode, ping_interval_s=settings.ping_interval_s, headers={"x-request-id": request_id}
+        )
+
+    @app.get("/v1/requests/{request_id}")
+    async def get_request(
+        request_id: str, authorization: Annotated[str | None, Header()] = None
+    ) -> dict[str, Any]:
+        principal = await services.authenticate(authorization)
+        record = await _find(services, request_id, principal)
+        return record.model_dump(mode="json")
+
+    @app.post("/v1/requests/{request_id}/cancel")
+    async def cancel_request(
+        request_id: str, authorization: Annotated[str | None, Header()] = None
+    ) -> JSONResponse:
+        principal = await services.authenticate(authorization)
+        if not _REQUEST_ID.match(request_id):
+            raise NotFoundError(f"no request {request_id[:64]!r}")
+        record = await anyio.to_thread.run_sync(services.requests.request_cancel, request_id, principal.user_id)
+        logger.info("cancel requested", extra={"correlation_id": request_id, "status": record.status})
+        if record.status == "in_progress":
+            return JSONResponse({"request_id": request_id, "status": "cancelling"}, status_code=202)
+        return JSONResponse({"request_id": request_id, "status": record.status}, status_code=200)
+
+    return app
+
+
+async def _find(services: Services, request_id: str, principal: Principal) -> RequestRecord:
+    if not _REQUEST_ID.match(request_id):
+        raise NotFoundError(f"no request {request_id[:64]!r}")
+    return await anyio.to_thread.run_sync(services.requests.get, request_id, principal.user_id)
+
+
+async def _prepare(
+    services: Services,
+    principal: Principal,
+    body: SummarizeRequest,
+    spec: ModelSpec,
+    max_output: int,
+    limits: Limits,
+    request_id: str,
+) -> SummaryTask:
+    """Preprocess: count and chunk the document against the model's budget (off the event loop:
+    a 200k-token document takes a few hundred milliseconds to tokenize)."""
+    settings = services.settings
+    started = time.monotonic()
+    scaffold = await anyio.to_thread.run_sync(count_tokens, prompt_scaffold(body.style, max_output))
+    budget = TokenBudget(
+        context_window=spec.info.context_window,
+        max_output_tokens=max(max_output, MAP_OUTPUT_TOKENS),
+        prompt_overhead=scaffold + 32,
+    )
+    chunk_tokens = budget.document_tokens
+    overlap = min(200, chunk_tokens // 10)
+    plan = await anyio.to_thread.run_sync(plan_chunks, Document(text=body.text), chunk_tokens, overlap)
+    if plan.total_tokens > settings.max_input_tokens:
+        raise InputTooLargeError(
+            f"the document has {plan.total_tokens} tokens; the limit is {settings.max_input_tokens}"
+        )
+    return SummaryTask(
+        request_id=request_id,
+        user_id=principal.user_id,
+        tier=principal.tier,
+        model=spec,
+        style=body.style,
+        max_output_tokens=max_output,
+        plan=plan,
+        limits=limits,
+        document_tokens=plan.total_tokens,
+        preprocess_ms=(time.monotonic() - started) * 1000,
+    )

@@ -1,0 +1,344 @@
+"""Summarize one request as a stream of events: the inline map-reduce behind `POST /v1/summarize`.
+
+`Summarizer.run` emits the streaming contract of DESIGN.md in order (meta, progress*, token*,
+error?, done), and always records an `Outcome`, also when the model fails, the user cancels or the
+client goes away. Pings and framing are the transport's business, not this module's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from decimal import Decimal
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+from precis.domain.catalog import ModelSpec
+from precis.domain.errors import ModelError
+from precis.domain.models import (
+    ChunkPlan,
+    Completion,
+    DoneEvent,
+    ErrorEvent,
+    FinishReason,
+    Frozen,
+    Limits,
+    MetaEvent,
+    ProgressEvent,
+    Prompt,
+    StreamEvent,
+    Style,
+    Summary,
+    TokenEvent,
+    Usage,
+)
+from precis.domain.ports import ProviderResolver, RequestJournal, Telemetry
+from precis.domain.postprocess import postprocess
+from precis.domain.prompts import chunk_prompt, combine_prompt, prompt_tokens, summary_prompt
+from precis.domain.tokens import count_tokens
+
+Emit = Callable[[StreamEvent], Awaitable[None]]
+
+#: Output budget of one chunk's summary in the map step.
+MAP_OUTPUT_TOKENS = 384
+
+
+class SummaryTask(Frozen):
+    """A request that passed validation and admission, ready to run."""
+
+    request_id: str
+    user_id: str
+    tier: str
+    model: ModelSpec
+    style: Style
+    max_output_tokens: int
+    plan: ChunkPlan
+    limits: Limits
+    document_tokens: int
+    preprocess_ms: float = 0.0
+
+
+class ErrorInfo(Frozen):
+    code: str
+    message: str
+    retryable: bool
+
+
+class Outcome(Frozen):
+    request_id: str
+    user_id: str
+    model: str
+    tier: str
+    summary: Summary
+    usage: Usage
+    cost_usd: Decimal
+    latency_ms: dict[str, float]
+    error: ErrorInfo | None = None
+    disconnected: bool = False
+
+    def done_event(self) -> DoneEvent:
+        return DoneEvent(
+            finish_reason=self.summary.finish_reason,
+            usage=self.usage,
+            cost_usd=float(self.cost_usd),
+            latency_ms=self.latency_ms,
+            partial=self.summary.partial,
+            summary=self.summary.text,
+        )
+
+
+class _Draft:
+    """What one request has produced and consumed so far, across all its model calls."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.usage = Usage()
+        self.calls = 0
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+class Summarizer:
+    def __init__(
+        self,
+        providers: ProviderResolver,
+        journal: RequestJournal,
+        telemetry: Telemetry,
+        *,
+        map_concurrency: int = 4,
+        checkpoint_interval_s: float = 0.5,
+    ) -> None:
+        self.providers = providers
+        self.journal = journal
+        self.telemetry = telemetry
+        self.map_concurrency = map_concurrency
+        self.checkpoint_interval_s = checkpoint_interval_s
+
+    async def run(self, task: SummaryTask, emit: Emit) -> Outcome:
+        """Stream `task` through `emit`; return (and record) its outcome.
+
+        Cancellation of the calling task (the client went away) still records the outcome, with the
+        tokens actually used, before the cancellation propagates.
+        """
+        started = time.monotonic()
+        draft = _Draft()
+        timings: dict[str, float] = {"preprocess": task.preprocess_ms}
+        await emit(
+            MetaEvent(
+                request_id=task.request_id,
+                model=task.model.name,
+                input_tokens=task.document_tokens,
+                max_output_tokens=task.max_output_tokens,
+                chunks=len(task.plan.chunks),
+                tier=task.tier,
+                limits=task.limits,
+            )
+        )
+        finish = FinishReason.STOP
+        error: ModelError | None = None
+        disconnected = True
+        try:
+            with anyio.CancelScope() as user_cancel:
+                async with anyio.create_task_group() as tg:
+
+                    async def generate() -> None:
+                        nonlocal finish, error
+                        try:
+                            finish = await self._generate(task, draft, emit, timings, started)
+                        except ModelError as exc:
+                            error, finish = exc, FinishReason.ERROR
+                        finally:
+                            tg.cancel_scope.cancel()
+
+                    tg.start_soon(self._watch_for_cancel, task.request_id, draft, user_cancel)
+                    tg.start_soon(generate)
+            if user_cancel.cancelled_caught:
+                finish = FinishReason.CANCELLED
+            disconnected = False
+        finally:
+            if disconnected:
+                finish = FinishReason.CANCELLED
+            with anyio.CancelScope(shield=True):
+                outcome = self._outcome(task, draft, finish, error, timings, started, disconnected)
+                await anyio.to_thread.run_sync(self.journal.finish, outcome)
+                self.telemetry.record(outcome)
+        if error is not None:
+            await emit(
+                ErrorEvent(
+                    code=error.code,
+                    message=error.message,
+                    retryable=error.retryable,
+                    partial=bool(draft.parts),
+                )
+            )
+        await emit(outcome.done_event())
+        return outcome
+
+    async def _watch_for_cancel(self, request_id: str, draft: _Draft, scope: anyio.CancelScope) -> None:
+        """Checkpoint the text so far at a bounded rate; the same write tells whether a cancel was
+        requested, from any instance."""
+        while True:
+            await anyio.sleep(self.checkpoint_interval_s)
+            keep_going = await anyio.to_thread.run_sync(
+                self.journal.checkpoint, request_id, draft.text, draft.usage.output_tokens
+            )
+            if not keep_going:
+                scope.cancel()
+                return
+
+    async def _generate(
+        self, task: SummaryTask, draft: _Draft, emit: Emit, timings: dict[str, float], started: float
+    ) -> FinishReason:
+        chunks = task.plan.chunks
+        if len(chunks) == 1:
+            final = summary_prompt(chunks[0].text, task.style, task.max_output_tokens)
+        else:
+            mark = time.monotonic()
+            partials = await self._map(task, draft, emit)
+            timings["map"] = _ms(mark)
+            mark = time.monotonic()
+            final = await self._reduce(task, draft, emit, partials)
+            timings["reduce"] = _ms(mark)
+
+        mark = time.monotonic()
+        first_token: list[float] = []
+
+        async def stream_token(text: str) -> None:
+            if not first_token:
+                first_token.append(time.monotonic())
+                timings["ttft"] = _ms(started)
+            draft.parts.append(text)
+            await emit(TokenEvent(text=text, index=len(draft.parts) - 1))
+
+        _, finish = await self._call(task.model, final, task.max_output_tokens, draft, stream_token)
+        timings["infer"] = _ms(mark)
+        return finish
+
+    async def _map(self, task: SummaryTask, draft: _Draft, emit: Emit) -> list[str]:
+        chunks = task.plan.chunks
+        summaries = [""] * len(chunks)
+        failures: list[ModelError] = []
+        limiter = anyio.CapacityLimiter(self.map_concurrency)
+        done = 0
+        max_tokens = min(MAP_OUTPUT_TOKENS, task.model.info.max_output_tokens)
+        async with anyio.create_task_group() as tg:
+
+            async def summarize_chunk(index: int) -> None:
+                nonlocal done
+                async with limiter:
+                    prompt = chunk_prompt(chunks[index].text, index, len(chunks), max_tokens)
+                    try:
+                        summaries[index], _ = await self._call(task.model, prompt, max_tokens, draft)
+                    except ModelError as exc:
+                        failures.append(exc)
+                        tg.cancel_scope.cancel()
+                        return
+                done += 1
+                await emit(ProgressEvent(stage="map", done=done, total=len(chunks)))
+
+            for index in range(len(chunks)):
+                tg.start_soon(summarize_chunk, index)
+        if failures:
+            raise failures[0]
+        return summaries
+
+    async def _reduce(self, task: SummaryTask, draft: _Draft, emit: Emit, summaries: list[str]) -> Prompt:
+        """Combine chunk summaries into the final prompt; when they are too long for one call,
+        summarize them in groups first, as often as it takes."""
+        room = task.plan.chunk_tokens
+        max_tokens = min(MAP_OUTPUT_TOKENS, task.model.info.max_output_tokens)
+        while count_tokens("\n\n".join(summaries)) > room and len(summaries) > 1:
+            groups = _group(summaries, room)
+            if len(groups) == len(summaries):
+                break  # every summary alone fills a call: combining cannot shrink them further
+            combined: list[str] = []
+            for done, group in enumerate(groups, start=1):
+                text, _ = await self._call(task.model, combine_prompt(group, Style.PARAGRAPH, max_tokens), max_tokens, draft)
+                combined.append(text)
+                await emit(ProgressEvent(stage="reduce", done=done, total=len(groups)))
+            summaries = combined
+        return combine_prompt(summaries, task.style, task.max_output_tokens)
+
+    async def _call(
+        self,
+        model: ModelSpec,
+        prompt: Prompt,
+        max_output_tokens: int,
+        draft: _Draft,
+        on_text: Callable[[str], Awaitable[None]] | None = None,
+    ) -> tuple[str, FinishReason]:
+        """One model call. Its usage is added to the draft however the call ends: the provider's
+        report when there is one, else the prompt and the text received, counted."""
+        provider = self.providers.build(model)
+        parts: list[str] = []
+        usage: Usage | None = None
+        finish = FinishReason.STOP
+        draft.calls += 1
+        stream: Any = provider.stream(prompt, max_output_tokens=max_output_tokens)
+        try:
+            async for event in stream:
+                if isinstance(event, Completion):
+                    usage, finish = event.usage, event.finish_reason
+                    continue
+                parts.append(event.text)
+                if on_text is not None:
+                    await on_text(event.text)
+        except ModelError as exc:
+            usage = exc.usage
+            raise
+        finally:
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
+            if usage is None:
+                usage = Usage(input_tokens=prompt_tokens(prompt), output_tokens=count_tokens("".join(parts)))
+            draft.usage += usage
+        return "".join(parts), finish
+
+    def _outcome(
+        self,
+        task: SummaryTask,
+        draft: _Draft,
+        finish: FinishReason,
+        error: ModelError | None,
+        timings: dict[str, float],
+        started: float,
+        disconnected: bool,
+    ) -> Outcome:
+        mark = time.monotonic()
+        summary = postprocess(draft.text, task.style, finish)
+        timings["postprocess"] = _ms(mark)
+        timings["total"] = _ms(started) + task.preprocess_ms
+        return Outcome(
+            request_id=task.request_id,
+            user_id=task.user_id,
+            model=task.model.info.id,
+            tier=task.tier,
+            summary=summary,
+            usage=draft.usage,
+            cost_usd=task.model.info.price.cost(draft.usage),
+            latency_ms={k: round(v, 2) for k, v in timings.items()},
+            error=None if error is None else ErrorInfo(code=error.code, message=error.message, retryable=error.retryable),
+            disconnected=disconnected,
+        )
+
+
+def _group(texts: list[str], room: int) -> list[list[str]]:
+    """Consecutive texts packed into groups of at most `room` tokens (a lone oversized text forms its
+    own group: the model call will truncate it, which beats looping forever)."""
+    groups: list[list[str]] = [[]]
+    used = 0
+    for text, tokens in zip(texts, [count_tokens(t) for t in texts], strict=True):
+        if groups[-1] and used + tokens > room:
+            groups.append([])
+            used = 0
+        groups[-1].append(text)
+        used += tokens
+    return groups
+
+
+def _ms(since: float) -> float:
+    return (time.monotonic() - since) * 1000

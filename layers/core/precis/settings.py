@@ -1,0 +1,41 @@
+"""Settings, read from the environment once per process (the only module that reads os.environ)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from pydantic import Field
+
+from precis.domain.models import Frozen
+
+
+class Settings(Frozen):
+    keys_table: str = "precis-keys"
+    requests_table: str = "precis-requests"
+    default_model: str = "local"
+    #: Largest document accepted, in cl100k_base tokens.
+    max_input_tokens: int = Field(default=200_000, gt=0)
+    #: Largest request body accepted, in bytes (checked before anything is parsed).
+    max_body_bytes: int = Field(default=4_000_000, gt=0)
+    default_max_output_tokens: int = Field(default=512, gt=0)
+    #: Chunk summaries computed at once for one request's map step.
+    map_concurrency: int = Field(default=4, gt=0)
+    #: How often a stream persists its text so far and checks for a cancel.
+    checkpoint_interval_s: float = Field(default=0.5, gt=0)
+    #: Seconds of silence after which the stream sends an SSE `: ping` comment.
+    ping_interval_s: float = Field(default=10.0, gt=0)
+    request_ttl_days: int = Field(default=7, gt=0)
+    #: How long a looked-up API key is trusted without asking DynamoDB again.
+    key_cache_s: float = Field(default=60.0, ge=0)
+    bedrock_region: str | None = None
+    bedrock_endpoint_url: str | None = None
+    openai_base_url: str = "http://127.0.0.1:11434/v1"
+    openai_api_key: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Every field can be set as PRECIS_<FIELD> (upper case)."""
+        env = os.environ if env is None else env
+        values = {name: env[f"PRECIS_{name.upper()}"] for name in cls.model_fields if f"PRECIS_{name.upper()}" in env}
+        return cls.model_validate(values)

@@ -1,0 +1,43 @@
+"""Build the gateway's services from settings: the one place adapters are chosen and connected."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from precis.adapters.dynamodb import KeyStore, RequestStore
+from precis.api.app import Services
+from precis.domain.summarize import Summarizer
+from precis.observability import RequestTelemetry
+from precis.providers import ProviderFactory
+from precis.providers.bedrock import BedrockConfig
+from precis.providers.openai import OpenAIConfig
+from precis.settings import Settings
+
+
+def dynamodb_resource() -> Any:
+    """boto3 reads AWS_ENDPOINT_URL itself, which is how the local stack points it at moto."""
+    import boto3
+
+    return boto3.resource("dynamodb")
+
+
+def build_services(settings: Settings, dynamodb: Any | None = None) -> Services:
+    dynamodb = dynamodb if dynamodb is not None else dynamodb_resource()
+    requests = RequestStore(dynamodb.Table(settings.requests_table), ttl_days=settings.request_ttl_days)
+    providers = ProviderFactory(
+        bedrock=BedrockConfig(region=settings.bedrock_region, endpoint_url=settings.bedrock_endpoint_url),
+        openai=OpenAIConfig(base_url=settings.openai_base_url, api_key=settings.openai_api_key),
+    )
+    return Services(
+        settings=settings,
+        keys=KeyStore(dynamodb.Table(settings.keys_table)),
+        requests=requests,
+        providers=providers,
+        summarizer=Summarizer(
+            providers,
+            requests,
+            RequestTelemetry(),
+            map_concurrency=settings.map_concurrency,
+            checkpoint_interval_s=settings.checkpoint_interval_s,
+        ),
+    )

@@ -1,0 +1,141 @@
+"""precis on one machine: `python -m local serve | run | summarize`.
+
+- serve: start the local stack (moto, the template's resources, the gateway) and wait.
+- run: serve, then summarize the bundled sample document live, printing tokens as they arrive and the
+  done event's usage, cost and per-stage latency; keep serving (or exit with --once).
+- summarize FILE: stream a summary of FILE from a running stack (`--url`, `--key`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+from httpx_sse import connect_sse
+from rich.console import Console
+from rich.table import Table
+
+SAMPLE = Path(__file__).resolve().parent / "samples" / "lighthouses.txt"
+#: The demo's model: the local summarizer, slowed to a remote model's pace so streaming is visible.
+DEMO_MODEL = "local?ttft_ms=400&token_ms=25"
+
+console = Console(highlight=False)
+
+
+def stream_summary(url: str, api_key: str, text: str, model: str | None, style: str) -> dict[str, Any]:
+    """Stream one summary to the terminal; return the done event."""
+    body: dict[str, Any] = {"text": text, "style": style}
+    if model:
+        body["model"] = model
+    headers = {"authorization": f"Bearer {api_key}", "accept": "text/event-stream"}
+    done: dict[str, Any] = {}
+    with httpx.Client(timeout=httpx.Timeout(10.0, read=120.0)) as client, connect_sse(
+        client, "POST", f"{url}/v1/summarize", json=body, headers=headers
+    ) as source:
+        if source.response.status_code != 200:
+            source.response.read()
+            console.print(f"[red]{source.response.status_code}[/red] {source.response.text}")
+            raise SystemExit(1)
+        for sse in source.iter_sse():
+            data = json.loads(sse.data)
+            if sse.event == "meta":
+                console.print(
+                    f"[dim]request {data['request_id']} · model {data['model']} · "
+                    f"{data['input_tokens']} input tokens · {data['chunks']} chunk(s)[/dim]\n"
+                )
+            elif sse.event == "progress":
+                console.print(f"[dim]{data['stage']} {data['done']}/{data['total']}[/dim]")
+            elif sse.event == "token":
+                console.print(data["text"], end="", soft_wrap=True)
+            elif sse.event == "error":
+                console.print(f"\n[red]error[/red] {data['code']}: {data['message']}")
+            elif sse.event == "done":
+                done = data
+    console.print()
+    _print_done(done)
+    return done
+
+
+def _print_done(done: dict[str, Any]) -> None:
+    table = Table(title="done", show_header=False, title_justify="left")
+    table.add_row("finish_reason", str(done.get("finish_reason")))
+    usage = done.get("usage", {})
+    table.add_row("tokens", f"{usage.get('input_tokens')} in / {usage.get('output_tokens')} out")
+    table.add_row("cost_usd", f"{done.get('cost_usd', 0):.6f}")
+    for stage, ms in done.get("latency_ms", {}).items():
+        table.add_row(f"latency {stage}", f"{ms:.1f} ms")
+    console.print(table)
+
+
+def _serve(args: argparse.Namespace) -> Any:
+    from local.stack import LocalStack
+
+    port = int(os.environ.get("PRECIS_PORT", "8080"))
+    api_key = os.environ.get("PRECIS_DEV_API_KEY", "")
+    stack = LocalStack(port=port, api_key=api_key).start()
+    console.print(f"[bold]precis[/bold] local stack on [cyan]{stack.url}[/cyan] (moto at {stack.moto_endpoint})")
+    console.print(f"dev API key: [green]{stack.api_key}[/green]")
+    console.print(
+        "try: [dim]curl -N " + stack.url + "/v1/summarize -H 'Authorization: Bearer " + stack.api_key + "' "
+        "-H 'Content-Type: application/json' -d '{\"text\": \"...your document...\", \"style\": \"bullets\"}'[/dim]\n"
+    )
+    return stack
+
+
+def _wait(stack: Any) -> None:
+    console.print("serving; Ctrl-C to stop")
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    try:
+        stopped.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stack.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m local", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", help="start the local stack and wait")
+    run = commands.add_parser("run", help="serve and summarize the sample document live")
+    run.add_argument("--once", action="store_true", help="stop after the demo instead of serving on")
+    run.add_argument("--model", default=DEMO_MODEL)
+    run.add_argument("--style", default="bullets", choices=["tldr", "bullets", "paragraph"])
+    summarize = commands.add_parser("summarize", help="stream a summary of FILE from a running stack")
+    summarize.add_argument("file", type=Path)
+    summarize.add_argument("--url", default=f"http://127.0.0.1:{os.environ.get('PRECIS_PORT', '8080')}")
+    summarize.add_argument("--key", default=os.environ.get("PRECIS_DEV_API_KEY", ""))
+    summarize.add_argument("--model", default=None)
+    summarize.add_argument("--style", default="paragraph", choices=["tldr", "bullets", "paragraph"])
+    args = parser.parse_args(argv)
+
+    if args.command == "summarize":
+        if not args.key:
+            parser.error("--key (or PRECIS_DEV_API_KEY) is required")
+        stream_summary(args.url, args.key, args.file.read_text("utf-8"), args.model, args.style)
+        return 0
+    stack = _serve(args)
+    if args.command == "run":
+        console.print(f"[bold]summarizing[/bold] {SAMPLE.name} with {args.model}\n")
+        try:
+            stream_summary(stack.url, stack.api_key, SAMPLE.read_text("utf-8"), args.model, args.style)
+        except BaseException:
+            stack.stop()
+            raise
+        if args.once:
+            stack.stop()
+            return 0
+    _wait(stack)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
