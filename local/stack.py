@@ -8,6 +8,7 @@ the same boto3 adapters as in AWS, pointed at it by AWS_ENDPOINT_URL.
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import threading
@@ -172,6 +173,8 @@ class LocalStack:
 
     def _start_moto(self) -> None:
         from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per AWS call otherwise
 
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         server.start()

@@ -164,10 +164,10 @@ class RequestStore:
             Key={"pk": f"request#{outcome.request_id}"},
             UpdateExpression=(
                 "SET #status = :status, #text = :text, input_tokens = :input, output_tokens = :output, "
-                "cost_usd = :cost, finish_reason = :finish, partial = :partial, latency_ms = :latency, "
+                "cost_usd = :cost, finish_reason = :finish, #partial = :partial, latency_ms = :latency, "
                 "#error = :error, updated_at = :now"
             ),
-            ExpressionAttributeNames={"#status": "status", "#text": "text", "#error": "error"},
+            ExpressionAttributeNames={"#status": "status", "#text": "text", "#error": "error", "#partial": "partial"},
             ExpressionAttributeValues=values,
         )
 

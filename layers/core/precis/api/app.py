@@ -11,12 +11,14 @@ import json
 import re
 import secrets
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import anyio.to_thread
 from fastapi import FastAPI, Header, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 from starlette.responses import JSONResponse, Response
 
 from precis.adapters.dynamodb import KeyStore, Principal, RequestRecord, RequestStore
@@ -39,7 +41,7 @@ from precis.domain.models import (
 )
 from precis.domain.prompts import prompt_scaffold
 from precis.domain.summarize import MAP_OUTPUT_TOKENS, Summarizer, SummaryTask
-from precis.domain.tokens import count_tokens
+from precis.domain.tokens import count_tokens, encoding
 from precis.observability import correlate, logger
 from precis.providers import ProviderFactory
 from precis.settings import Settings
@@ -51,12 +53,12 @@ _API_VERSION = "2026-11-27"
 class SummarizeRequest(BaseModel):
     """Body of `POST /v1/summarize`."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid")
 
-    text: Annotated[str, Field(min_length=1, description="The document to summarize (UTF-8).")]
+    text: Annotated[StrictStr, Field(min_length=1, description="The document to summarize (UTF-8).")]
     style: Style = Style.PARAGRAPH
     max_output_tokens: StrictInt | None = Field(default=None, ge=1, description="Defaults to the service's default.")
-    model: str | None = Field(default=None, max_length=256, description="Catalog id, e.g. `local?ttft_ms=500`.")
+    model: StrictStr | None = Field(default=None, max_length=256, description="Catalog id, e.g. `local?ttft_ms=500`.")
 
 
 @dataclass
@@ -172,7 +174,15 @@ def _replay_events(record: RequestRecord, tier: str, limits: Limits) -> list[Str
 
 def create_app(services: Services) -> FastAPI:
     settings = services.settings
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # Load the tokenizer before the first request, not during it: under the Lambda Web Adapter
+        # this runs in the init phase, before the readiness check passes.
+        await anyio.to_thread.run_sync(encoding)
+        yield
+
     app = FastAPI(
+        lifespan=lifespan,
         title="precis",
         version=_API_VERSION,
         description="Streaming summarization. See README.md for the streaming contract.",

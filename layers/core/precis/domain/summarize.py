@@ -95,11 +95,15 @@ class _Draft:
     def __init__(self) -> None:
         self.parts: list[str] = []
         self.usage = Usage()
-        self.calls = 0
+        self.in_flight_tokens = 0  # received from calls whose usage is not reported yet
 
     @property
     def text(self) -> str:
         return "".join(self.parts)
+
+    @property
+    def output_tokens(self) -> int:
+        return self.usage.output_tokens + self.in_flight_tokens
 
 
 class Summarizer:
@@ -184,7 +188,7 @@ class Summarizer:
         while True:
             await anyio.sleep(self.checkpoint_interval_s)
             keep_going = await anyio.to_thread.run_sync(
-                self.journal.checkpoint, request_id, draft.text, draft.usage.output_tokens
+                self.journal.checkpoint, request_id, draft.text, draft.output_tokens
             )
             if not keep_going:
                 scope.cancel()
@@ -277,7 +281,6 @@ class Summarizer:
         parts: list[str] = []
         usage: Usage | None = None
         finish = FinishReason.STOP
-        draft.calls += 1
         stream: Any = provider.stream(prompt, max_output_tokens=max_output_tokens)
         try:
             async for event in stream:
@@ -285,6 +288,7 @@ class Summarizer:
                     usage, finish = event.usage, event.finish_reason
                     continue
                 parts.append(event.text)
+                draft.in_flight_tokens += 1
                 if on_text is not None:
                     await on_text(event.text)
         except ModelError as exc:
@@ -295,6 +299,7 @@ class Summarizer:
                 await stream.aclose()
             if usage is None:
                 usage = Usage(input_tokens=prompt_tokens(prompt), output_tokens=count_tokens("".join(parts)))
+            draft.in_flight_tokens -= len(parts)
             draft.usage += usage
         return "".join(parts), finish
 

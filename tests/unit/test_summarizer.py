@@ -1,0 +1,182 @@
+"""The inline map-reduce and the streaming contract, with in-memory fakes of the journal."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from precis.domain.catalog import Catalog
+from precis.domain.chunking import plan_chunks
+from precis.domain.models import (
+    Document,
+    DoneEvent,
+    ErrorEvent,
+    FinishReason,
+    Limits,
+    MetaEvent,
+    ProgressEvent,
+    StreamEvent,
+    Style,
+    TokenEvent,
+)
+from precis.domain.summarize import Outcome, Summarizer, SummaryTask
+from precis.providers import ProviderFactory
+from tests.unit.test_chunking import python_docs
+
+pytestmark = pytest.mark.anyio
+
+
+class MemoryJournal:
+    def __init__(self) -> None:
+        self.checkpoints: list[tuple[str, int]] = []
+        self.finished: list[Outcome] = []
+        self.cancel_requested = False
+
+    def checkpoint(self, request_id: str, text: str, output_tokens: int) -> bool:
+        self.checkpoints.append((text, output_tokens))
+        return not self.cancel_requested
+
+    def finish(self, outcome: Outcome) -> None:
+        self.finished.append(outcome)
+
+
+class MemoryTelemetry:
+    def __init__(self) -> None:
+        self.recorded: list[Outcome] = []
+
+    def record(self, outcome: Outcome) -> None:
+        self.recorded.append(outcome)
+
+
+def make_task(text: str, model: str = "local", chunk_tokens: int = 7_000, max_output_tokens: int = 200) -> SummaryTask:
+    spec = Catalog.bundled().resolve(model)
+    plan = plan_chunks(Document(text=text), chunk_tokens=chunk_tokens, overlap_tokens=50)
+    return SummaryTask(
+        request_id="req_" + "0" * 32,
+        user_id="u1",
+        tier="pro",
+        model=spec,
+        style=Style.PARAGRAPH,
+        max_output_tokens=max_output_tokens,
+        plan=plan,
+        limits=Limits(max_input_tokens=200_000, max_output_tokens=1024),
+        document_tokens=plan.total_tokens,
+    )
+
+
+DOC = " ".join(
+    f"Paragraph {i} explains how lighthouse number {i} used lenses, lamps and clockwork to guide ships home."
+    for i in range(12)
+)
+
+
+async def run(task: SummaryTask, journal: MemoryJournal | None = None, checkpoint_s: float = 0.05):
+    journal = journal or MemoryJournal()
+    telemetry = MemoryTelemetry()
+    summarizer = Summarizer(
+        ProviderFactory(), journal, telemetry, map_concurrency=3, checkpoint_interval_s=checkpoint_s
+    )
+    events: list[StreamEvent] = []
+
+    async def emit(event: StreamEvent) -> None:
+        events.append(event)
+
+    outcome = await summarizer.run(task, emit)
+    assert journal.finished == [outcome] and telemetry.recorded == [outcome]
+    return events, outcome, journal
+
+
+async def test_events_follow_the_contract_meta_tokens_done() -> None:
+    events, outcome, _ = await run(make_task(DOC))
+    assert isinstance(events[0], MetaEvent) and events[0].chunks == 1
+    assert isinstance(events[-1], DoneEvent)
+    tokens = [e for e in events if isinstance(e, TokenEvent)]
+    assert [t.index for t in tokens] == list(range(len(tokens)))
+    done = events[-1]
+    assert done.finish_reason is FinishReason.STOP and not done.partial
+    assert done.usage.output_tokens == len(tokens)
+    assert done.summary == "".join(t.text for t in tokens).strip()
+    assert set(done.latency_ms) >= {"preprocess", "ttft", "infer", "postprocess", "total"}
+    assert outcome.cost_usd == 0
+
+
+async def test_long_document_is_mapped_then_reduced_with_progress_and_summed_usage() -> None:
+    text = python_docs(30_000)
+    task = make_task(text, chunk_tokens=3_000)
+    events, outcome, _ = await run(task)
+    chunks = len(task.plan.chunks)
+    progress = [e for e in events if isinstance(e, ProgressEvent) and e.stage == "map"]
+    assert [p.done for p in progress] == list(range(1, chunks + 1))
+    assert all(p.total == chunks for p in progress)
+    first_token = next(i for i, e in enumerate(events) if isinstance(e, TokenEvent))
+    assert first_token > events.index(progress[-1]), "the final step streams after every chunk is mapped"
+    assert outcome.usage.input_tokens > task.document_tokens, "every chunk was read, plus the combining call"
+    assert outcome.summary.text
+
+
+async def test_combining_recurses_when_chunk_summaries_do_not_fit_one_call() -> None:
+    task = make_task(python_docs(30_000), chunk_tokens=600)
+    events, outcome, _ = await run(task)
+    assert any(isinstance(e, ProgressEvent) and e.stage == "reduce" for e in events)
+    assert outcome.summary.finish_reason in (FinishReason.STOP, FinishReason.LENGTH)
+
+
+async def test_model_failure_mid_stream_keeps_the_tokens_and_ends_with_error_then_done() -> None:
+    events, outcome, _ = await run(make_task(DOC, model="local?fail_after=4"))
+    kinds = [e.event for e in events]
+    assert kinds == ["meta", "token", "token", "token", "token", "error", "done"]
+    error, done = events[-2], events[-1]
+    assert isinstance(error, ErrorEvent) and error.partial and error.retryable
+    assert isinstance(done, DoneEvent) and done.partial and done.finish_reason is FinishReason.ERROR
+    assert done.usage.output_tokens == 4
+    assert outcome.error is not None and outcome.error.code == "model_unavailable"
+
+
+async def test_a_failing_chunk_fails_the_request_before_any_token() -> None:
+    task = make_task(python_docs(10_000), model="local?fail_after=0&fail=permanent", chunk_tokens=3_000)
+    events, outcome, _ = await run(task)
+    assert [e.event for e in events][-2:] == ["error", "done"]
+    assert not any(isinstance(e, TokenEvent) for e in events)
+    assert outcome.summary.finish_reason is FinishReason.ERROR and not outcome.summary.partial
+
+
+async def test_cancel_flag_stops_the_model_and_ends_cancelled() -> None:
+    journal = MemoryJournal()
+    task = make_task(DOC, model="local?token_ms=20")
+
+    async def cancel_soon() -> None:
+        await anyio.sleep(0.15)
+        journal.cancel_requested = True
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(cancel_soon)
+        events, outcome, _ = await run(task, journal)
+    tokens = [e for e in events if isinstance(e, TokenEvent)]
+    assert 0 < len(tokens) < 30
+    assert outcome.summary.finish_reason is FinishReason.CANCELLED and outcome.summary.partial
+    assert outcome.usage.output_tokens == len(tokens)
+    assert isinstance(events[-1], DoneEvent) and events[-1].finish_reason is FinishReason.CANCELLED
+
+
+async def test_text_so_far_is_checkpointed_while_streaming() -> None:
+    _, outcome, journal = await run(make_task(DOC, model="local?token_ms=10"), checkpoint_s=0.05)
+    texts = [text for text, _ in journal.checkpoints]
+    assert len(texts) >= 3
+    assert all(a == b[: len(a)] for a, b in zip(texts, texts[1:], strict=False)), "each checkpoint extends the last"
+    assert outcome.summary.text.startswith(texts[-1].strip()[:20])
+
+
+async def test_consumer_going_away_still_records_the_outcome() -> None:
+    journal = MemoryJournal()
+    summarizer = Summarizer(ProviderFactory(), journal, MemoryTelemetry(), checkpoint_interval_s=1)
+    received: list[StreamEvent] = []
+
+    async def emit(event: StreamEvent) -> None:
+        received.append(event)
+
+    with anyio.move_on_after(0.2):
+        await summarizer.run(make_task(DOC, model="local?token_ms=20"), emit)
+    assert received[-1].event == "token", "no done: the client is gone"
+    [outcome] = journal.finished
+    assert outcome.disconnected and outcome.summary.finish_reason is FinishReason.CANCELLED
+    assert outcome.usage.output_tokens == sum(isinstance(e, TokenEvent) for e in received)
