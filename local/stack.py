@@ -138,6 +138,17 @@ CREATORS: dict[str, Callable[[boto3.Session, str, dict[str, Any]], None]] = {
 }
 
 
+def create_resources(template: Template, session: boto3.Session, prefix: str = STACK_NAME) -> None:
+    """Create every resource of `template` the local stack knows, named `<prefix>-<LogicalId>`."""
+    for logical_id, resource in template.body["Resources"].items():
+        creator = CREATORS.get(resource["Type"])
+        if creator is None:
+            continue
+        name = f"{prefix}-{logical_id}"
+        template.physical[logical_id] = name
+        creator(session, name, template.resolve(resource.get("Properties", {})))
+
+
 # The stack ---------------------------------------------------------------------------------------
 
 
@@ -194,14 +205,7 @@ class LocalStack:
         os.environ.pop("AWS_PROFILE", None)
 
     def _create_resources(self) -> None:
-        session = boto3.Session(region_name=REGION)
-        for logical_id, resource in self.template.body["Resources"].items():
-            creator = CREATORS.get(resource["Type"])
-            if creator is None:
-                continue
-            name = f"{STACK_NAME}-{logical_id}"
-            self.template.physical[logical_id] = name
-            creator(session, name, self.template.resolve(resource.get("Properties", {})))
+        create_resources(self.template, boto3.Session(region_name=REGION))
 
     def gateway_environment(self) -> dict[str, str]:
         """The gateway function's environment from template.yaml, then the caller's PRECIS_* overrides."""

@@ -24,39 +24,18 @@ import yaml
 from aws_lambda_powertools.utilities.parser.models import LambdaFunctionUrlModel
 from mangum import Mangum
 
+from local.stack import load_template
+
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "template.yaml"
 RUN_SCRIPT = ROOT / "functions" / "gateway" / "run.sh"
 LAYER_REQUIREMENTS = ROOT / "layers" / "core" / "requirements.txt"
 EVENTS = ROOT / "events"
-INTRINSIC_KEYS = ("Ref", "Condition")  # plus every "Fn::*"
-
-
-class _CloudFormationLoader(yaml.SafeLoader):
-    """Safe YAML plus CloudFormation's short tags: `!Ref X` -> {"Ref": X}, `!Sub s` -> {"Fn::Sub": s}."""
-
-
-def _intrinsic(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> dict[str, Any]:
-    name = suffix if suffix in INTRINSIC_KEYS else f"Fn::{suffix}"
-    value: Any
-    if isinstance(node, yaml.ScalarNode):
-        value = loader.construct_scalar(node)
-        if suffix == "GetAtt":
-            value = value.split(".", 1)
-    elif isinstance(node, yaml.SequenceNode):
-        value = loader.construct_sequence(node, deep=True)
-    else:
-        value = loader.construct_mapping(node, deep=True)  # type: ignore[arg-type]
-    return {name: value}
-
-
-_CloudFormationLoader.add_multi_constructor("!", _intrinsic)
 
 
 @pytest.fixture(scope="module")
 def template() -> dict[str, Any]:
-    loaded: dict[str, Any] = yaml.load(TEMPLATE.read_text(), Loader=_CloudFormationLoader)  # a SafeLoader
-    return loaded
+    return load_template(TEMPLATE)
 
 
 def _resources(template: dict[str, Any], type_: str) -> dict[str, dict[str, Any]]:
@@ -71,7 +50,7 @@ def _gateway(template: dict[str, Any]) -> dict[str, Any]:
 def _is_intrinsic(value: Any) -> bool:
     """True when the value, anywhere inside, is a CloudFormation function rather than a literal."""
     if isinstance(value, dict):
-        if any(key in INTRINSIC_KEYS or key.startswith("Fn::") for key in value):
+        if any(key in ("Ref", "Condition") or key.startswith("Fn::") for key in value):
             return True
         return any(_is_intrinsic(v) for v in value.values())
     if isinstance(value, list):

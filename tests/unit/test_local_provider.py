@@ -56,7 +56,9 @@ async def test_latency_profile_delays_first_token_and_paces_the_rest() -> None:
     model = LocalModel.from_options({"ttft_ms": "150", "token_ms": "10"})
     prompt = summary_prompt(DOC, Style.TLDR, 200)
     started = time.monotonic()
-    stamps = [time.monotonic() - started async for e in model.stream(prompt, max_output_tokens=200) if isinstance(e, Delta)]
+    stamps = [
+        time.monotonic() - started async for e in model.stream(prompt, max_output_tokens=200) if isinstance(e, Delta)
+    ]
     assert stamps[0] >= 0.15
     assert stamps[-1] >= 0.15 + 0.01 * (len(stamps) - 1)
 

@@ -38,7 +38,9 @@ def test_prompt_tokens_counts_system_and_user_turn() -> None:
 
 
 def test_length_stop_drops_the_dangling_half_sentence() -> None:
-    summary = postprocess("First point is done. Second point is cut off in the mid", Style.PARAGRAPH, FinishReason.LENGTH)
+    summary = postprocess(
+        "First point is done. Second point is cut off in the mid", Style.PARAGRAPH, FinishReason.LENGTH
+    )
     assert summary.text == "First point is done."
 
 
