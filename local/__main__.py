@@ -36,9 +36,10 @@ def stream_summary(url: str, api_key: str, text: str, model: str | None, style: 
         body["model"] = model
     headers = {"authorization": f"Bearer {api_key}", "accept": "text/event-stream"}
     done: dict[str, Any] = {}
-    with httpx.Client(timeout=httpx.Timeout(10.0, read=120.0)) as client, connect_sse(
-        client, "POST", f"{url}/v1/summarize", json=body, headers=headers
-    ) as source:
+    with (
+        httpx.Client(timeout=httpx.Timeout(10.0, read=120.0)) as client,
+        connect_sse(client, "POST", f"{url}/v1/summarize", json=body, headers=headers) as source,
+    ):
         if source.response.status_code != 200:
             source.response.read()
             console.print(f"[red]{source.response.status_code}[/red] {source.response.text}")
@@ -84,7 +85,7 @@ def _serve(args: argparse.Namespace) -> Any:
     console.print(f"dev API key: [green]{stack.api_key}[/green]")
     console.print(
         "try: [dim]curl -N " + stack.url + "/v1/summarize -H 'Authorization: Bearer " + stack.api_key + "' "
-        "-H 'Content-Type: application/json' -d '{\"text\": \"...your document...\", \"style\": \"bullets\"}'[/dim]\n"
+        '-H \'Content-Type: application/json\' -d \'{"text": "...your document...", "style": "bullets"}\'[/dim]\n'
     )
     return stack
 

@@ -1,16 +1,18 @@
 """The local stack: the whole service on 127.0.0.1 with no AWS account and no Docker.
 
-moto runs in server mode in this process; the resources are created from template.yaml (read from
-it, never listed twice); the gateway is served by uvicorn with the environment template.yaml gives
-the gateway function, its `!Ref`s resolved to the local resource names. The code reaches moto through
-the same boto3 adapters as in AWS, pointed at it by AWS_ENDPOINT_URL.
+moto runs in server mode in a process of its own (local/cloud.py); the resources are created from
+template.yaml (read from it, never listed twice); the gateway is served by uvicorn with the
+environment template.yaml gives the gateway function, its `!Ref`s resolved to the local resource
+names. The code reaches moto through the same boto3 adapters as in AWS, pointed at it by
+AWS_ENDPOINT_URL.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import secrets
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -44,7 +46,7 @@ def _intrinsic(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> dict[st
     elif isinstance(node, yaml.SequenceNode):
         value = loader.construct_sequence(node, deep=True)
     else:
-        value = loader.construct_mapping(node, deep=True)  # type: ignore[arg-type]
+        value = loader.construct_mapping(node, deep=True)
     return {name: value}
 
 
@@ -52,7 +54,7 @@ _CfnLoader.add_multi_constructor("!", _intrinsic)
 
 
 def load_template(path: Path = TEMPLATE) -> dict[str, Any]:
-    template: dict[str, Any] = yaml.load(path.read_text(), Loader=_CfnLoader)  # noqa: S506 - a SafeLoader subclass
+    template: dict[str, Any] = yaml.load(path.read_text(), Loader=_CfnLoader)
     return template
 
 
@@ -78,7 +80,7 @@ class Template:
     def resolve(self, value: Any) -> Any:
         """Resolve the intrinsics the local stack needs: Ref, Sub with ${Name}, and pseudo params."""
         if isinstance(value, dict) and len(value) == 1:
-            (key, arg), = value.items()
+            ((key, arg),) = value.items()
             if key == "Ref":
                 return self._ref(arg)
             if key == "Fn::Sub":
@@ -94,8 +96,13 @@ class Template:
         return value
 
     def _ref(self, name: str) -> str:
-        pseudo = {"AWS::Region": REGION, "AWS::AccountId": "123456789012", "AWS::StackName": STACK_NAME,
-                  "AWS::Partition": "aws", "AWS::URLSuffix": "amazonaws.com"}
+        pseudo = {
+            "AWS::Region": REGION,
+            "AWS::AccountId": "123456789012",
+            "AWS::StackName": STACK_NAME,
+            "AWS::Partition": "aws",
+            "AWS::URLSuffix": "amazonaws.com",
+        }
         if name in pseudo:
             return pseudo[name]
         if name in self.parameters:
@@ -183,22 +190,36 @@ class LocalStack:
         self.stop()
 
     def _start_moto(self) -> None:
-        from moto.server import ThreadedMotoServer
+        cloud = subprocess.Popen(
+            [sys.executable, "-m", "local.cloud"],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert cloud.stdout is not None and cloud.stdin is not None
+        ready = cloud.stdout.readline().split()
+        if len(ready) != 2 or ready[0] != "READY":
+            cloud.kill()
+            raise RuntimeError("moto did not start (python -m local.cloud)")
 
-        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per AWS call otherwise
+        def stop() -> None:
+            assert cloud.stdin is not None
+            cloud.stdin.close()
+            try:
+                cloud.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                cloud.kill()
 
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        self._stops.append(server.stop)
-        host, port = server.get_host_and_port()
-        self.moto_endpoint = f"http://{host}:{port}"
-        # Process-wide on purpose: every boto3 client in this process (ours, and those moto's own
-        # Step Functions interpreter makes) must reach moto, never AWS.
+        self._stops.append(stop)
+        port = int(ready[1])
+        self.moto_endpoint = f"http://127.0.0.1:{port}"
+        # Process-wide on purpose: every boto3 client in this process must reach moto, never AWS.
         os.environ.update(
             AWS_ENDPOINT_URL=self.moto_endpoint,
             MOTO_PORT=str(port),
             AWS_ACCESS_KEY_ID="testing",
-            AWS_SECRET_ACCESS_KEY="testing",  # noqa: S105 - moto's dummy credentials
+            AWS_SECRET_ACCESS_KEY="testing",
             AWS_DEFAULT_REGION=REGION,
             AWS_REGION=REGION,
         )

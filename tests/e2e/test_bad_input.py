@@ -27,7 +27,12 @@ CASES: list[tuple[str, dict[str, Any], int, str]] = [
     ("document over the token limit", {"json": {"text": "word " * 31_000}}, 413, "input_too_large"),
     ("invalid JSON", {"content": b'{"text": "unterminated', "headers": JSON}, 400, "invalid_json"),
     ("invalid UTF-8", {"content": b'{"text": "caf\xe9 au lait"}', "headers": JSON}, 400, "invalid_encoding"),
-    ("wrong content type", {"content": GOOD.encode(), "headers": {"content-type": "text/plain"}}, 415, "unsupported_media_type"),
+    (
+        "wrong content type",
+        {"content": GOOD.encode(), "headers": {"content-type": "text/plain"}},
+        415,
+        "unsupported_media_type",
+    ),
     ("no content type", {"content": b'{"text": "x"}'}, 415, "unsupported_media_type"),
     ("text is a number", {"json": {"text": 12345}}, 422, "invalid_input"),
     ("unknown style", {"json": {"text": GOOD, "style": "haiku"}}, 422, "invalid_input"),

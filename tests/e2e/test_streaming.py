@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from httpx_sse import connect_sse
 
 from precis.domain.models import Completion, Style
@@ -173,7 +172,9 @@ def test_silence_is_filled_with_ping_comments(client: httpx.Client) -> None:
 
 
 def test_json_mode_returns_the_same_result_in_one_body(client: httpx.Client) -> None:
-    response = client.post("/v1/summarize", json={"text": SAMPLE, "style": "tldr"}, headers={"accept": "application/json"})
+    response = client.post(
+        "/v1/summarize", json={"text": SAMPLE, "style": "tldr"}, headers={"accept": "application/json"}
+    )
     assert response.status_code == 200 and response.headers["content-type"] == "application/json"
     body = response.json()
     assert body["finish_reason"] == "stop" and body["summary"] and body["tokens_streamed"] > 0

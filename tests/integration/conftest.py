@@ -13,8 +13,9 @@ from local.stack import Template, create_resources
 
 
 @pytest.fixture
-def tables() -> Iterator[dict[str, Any]]:
+def tables(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
     """moto in-process with the resources of template.yaml; the template's tables by logical id."""
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)  # a local stack of the e2e tests may have set it
     with mock_aws():
         template = Template.read()
         session = boto3.Session(region_name="us-east-1")

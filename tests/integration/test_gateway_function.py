@@ -32,7 +32,9 @@ def event(name: str) -> dict[str, Any]:
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_function_url_event_is_summarized_through_mangum(monkeypatch: pytest.MonkeyPatch, tables: dict[str, Any]) -> None:
+def test_function_url_event_is_summarized_through_mangum(
+    monkeypatch: pytest.MonkeyPatch, tables: dict[str, Any]
+) -> None:
     gateway = load_gateway(monkeypatch, tables)
     KeyStore(tables["KeysTable"]).add("pk_test_events_key", user_id="events", tier="free")
     response = gateway.handler(event("function-url-summarize"), None)

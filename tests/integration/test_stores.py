@@ -43,7 +43,9 @@ def test_revoked_key_no_longer_resolves(tables: dict[str, Any]) -> None:
     keys = KeyStore(tables["KeysTable"])
     keys.add("pk_old", user_id="alice")
     tables["KeysTable"].update_item(
-        Key={"key_hash": hash_key("pk_old")}, UpdateExpression="SET revoked = :y", ExpressionAttributeValues={":y": True}
+        Key={"key_hash": hash_key("pk_old")},
+        UpdateExpression="SET revoked = :y",
+        ExpressionAttributeValues={":y": True},
     )
     assert keys.find("pk_old") is None
 
@@ -52,7 +54,7 @@ def test_request_record_goes_from_in_progress_to_its_outcome(tables: dict[str, A
     store = RequestStore(tables["RequestsTable"])
     store.create(REQUEST, "alice", "local", "tldr", input_tokens=100)
     assert store.get(REQUEST, "alice").status == "in_progress"
-    assert store.checkpoint(REQUEST, "Half", 3)
+    store.checkpoint(REQUEST, "Half", 3)
     assert store.get(REQUEST, "alice").text == "Half"
     store.finish(outcome(FinishReason.STOP))
     record = store.get(REQUEST, "alice")
@@ -65,7 +67,9 @@ def test_request_record_goes_from_in_progress_to_its_outcome(tables: dict[str, A
 def test_failed_request_keeps_its_structured_error(tables: dict[str, Any]) -> None:
     store = RequestStore(tables["RequestsTable"])
     store.create(REQUEST, "alice", "local", "tldr", input_tokens=100)
-    store.finish(outcome(FinishReason.ERROR, "Partial", ErrorInfo(code="model_unavailable", message="x", retryable=True)))
+    store.finish(
+        outcome(FinishReason.ERROR, "Partial", ErrorInfo(code="model_unavailable", message="x", retryable=True))
+    )
     record = store.get(REQUEST, "alice")
     assert record.status == "failed" and record.partial and record.error is not None
     assert record.error.code == "model_unavailable"
@@ -78,22 +82,29 @@ def test_another_users_request_is_not_found(tables: dict[str, Any]) -> None:
         store.get(REQUEST, "mallory")
     with pytest.raises(NotFoundError):
         store.request_cancel(REQUEST, "mallory")
-    assert store.checkpoint(REQUEST, "still mine", 1), "mallory's attempt set no cancel flag"
+    assert store.cancelled([REQUEST]) == set(), "mallory's attempt set no cancel flag"
 
 
-def test_cancel_flag_makes_the_next_checkpoint_report_cancelled(tables: dict[str, Any]) -> None:
+def test_cancel_flag_is_seen_by_the_batched_poll(tables: dict[str, Any]) -> None:
     store = RequestStore(tables["RequestsTable"])
-    store.create(REQUEST, "alice", "local", "tldr", input_tokens=100)
+    others = [f"req_{i:032x}" for i in range(150)]  # more than one BatchGetItem holds
+    for request_id in [REQUEST, *others]:
+        store.create(request_id, "alice", "local", "tldr", input_tokens=100)
     assert store.request_cancel(REQUEST, "alice").status == "in_progress"
-    assert store.checkpoint(REQUEST, "more text", 5) is False
+    assert store.request_cancel(others[-1], "alice").status == "in_progress"
+    assert store.cancelled([*others, REQUEST, "req_" + "f" * 32]) == {REQUEST, others[-1]}
     store.finish(outcome(FinishReason.CANCELLED, "Half"))
     assert store.request_cancel(REQUEST, "alice").status == "cancelled", "cancelling twice changes nothing"
 
 
-def test_checkpoint_of_an_unknown_request_reports_cancelled_rather_than_creating_it(tables: dict[str, Any]) -> None:
+def test_checkpoint_never_creates_a_record_nor_overwrites_a_finished_one(tables: dict[str, Any]) -> None:
     store = RequestStore(tables["RequestsTable"])
-    assert store.checkpoint(REQUEST, "ghost", 1) is False
+    store.checkpoint(REQUEST, "ghost", 1)
     assert tables["RequestsTable"].scan(Select="COUNT")["Count"] == 0
+    store.create(REQUEST, "alice", "local", "tldr", input_tokens=100)
+    store.finish(outcome(FinishReason.STOP, "Final."))
+    store.checkpoint(REQUEST, "late checkpoint", 2)
+    assert store.get(REQUEST, "alice").text == "Final."
 
 
 def test_idempotency_key_binds_one_request_and_replays_it_when_finished(tables: dict[str, Any]) -> None:

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from aws_lambda_powertools.utilities.parser.models import LambdaFunctionUrlModel
 from mangum import Mangum
 

@@ -69,12 +69,15 @@ async def test_latency_profile_delays_first_token_and_paces_the_rest() -> None:
 )
 async def test_failure_profile_fails_after_n_tokens_with_usage(kind: str, error: type[Exception]) -> None:
     model = LocalModel.from_options({"fail_after": "3", "fail": kind})
-    received: list[Delta] = []
-    with pytest.raises(error) as caught:
+    received: list[object] = []
+
+    async def consume() -> None:
         async for event in model.stream(summary_prompt(DOC, Style.PARAGRAPH, 200), max_output_tokens=200):
-            assert isinstance(event, Delta)
             received.append(event)
-    assert len(received) == 3
+
+    with pytest.raises(error) as caught:
+        await consume()
+    assert len(received) == 3 and all(isinstance(e, Delta) for e in received)
     assert caught.value.usage is not None and caught.value.usage.output_tokens == 3  # type: ignore[attr-defined]
 
 

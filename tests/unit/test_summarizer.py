@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
+
 import anyio
 import pytest
 
+from precis.domain.cancellation import CancelWatch
 from precis.domain.catalog import Catalog
 from precis.domain.chunking import plan_chunks
 from precis.domain.models import (
@@ -32,9 +35,11 @@ class MemoryJournal:
         self.finished: list[Outcome] = []
         self.cancel_requested = False
 
-    def checkpoint(self, request_id: str, text: str, output_tokens: int) -> bool:
+    def checkpoint(self, request_id: str, text: str, output_tokens: int) -> None:
         self.checkpoints.append((text, output_tokens))
-        return not self.cancel_requested
+
+    def cancelled(self, request_ids: list[str]) -> set[str]:
+        return set(request_ids) if self.cancel_requested else set()
 
     def finish(self, outcome: Outcome) -> None:
         self.finished.append(outcome)
@@ -70,18 +75,26 @@ DOC = " ".join(
 )
 
 
+def summarizer_for(journal: MemoryJournal, telemetry: MemoryTelemetry, checkpoint_s: float = 0.05) -> Summarizer:
+    cancels = CancelWatch(journal, interval_s=0.02)
+    return Summarizer(
+        ProviderFactory(), journal, telemetry, cancels, map_concurrency=3, checkpoint_interval_s=checkpoint_s
+    )
+
+
 async def run(task: SummaryTask, journal: MemoryJournal | None = None, checkpoint_s: float = 0.05):
     journal = journal or MemoryJournal()
     telemetry = MemoryTelemetry()
-    summarizer = Summarizer(
-        ProviderFactory(), journal, telemetry, map_concurrency=3, checkpoint_interval_s=checkpoint_s
-    )
+    summarizer = summarizer_for(journal, telemetry, checkpoint_s)
     events: list[StreamEvent] = []
 
     async def emit(event: StreamEvent) -> None:
         events.append(event)
 
-    outcome = await summarizer.run(task, emit)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(summarizer.cancels.run)
+        outcome = await summarizer.run(task, emit)
+        tg.cancel_scope.cancel()
     assert journal.finished == [outcome] and telemetry.recorded == [outcome]
     return events, outcome, journal
 
@@ -162,13 +175,13 @@ async def test_text_so_far_is_checkpointed_while_streaming() -> None:
     _, outcome, journal = await run(make_task(DOC, model="local?token_ms=10"), checkpoint_s=0.05)
     texts = [text for text, _ in journal.checkpoints]
     assert len(texts) >= 3
-    assert all(a == b[: len(a)] for a, b in zip(texts, texts[1:], strict=False)), "each checkpoint extends the last"
+    assert all(a == b[: len(a)] for a, b in itertools.pairwise(texts)), "each checkpoint extends the last"
     assert outcome.summary.text.startswith(texts[-1].strip()[:20])
 
 
 async def test_consumer_going_away_still_records_the_outcome() -> None:
     journal = MemoryJournal()
-    summarizer = Summarizer(ProviderFactory(), journal, MemoryTelemetry(), checkpoint_interval_s=1)
+    summarizer = summarizer_for(journal, MemoryTelemetry(), checkpoint_s=1)
     received: list[StreamEvent] = []
 
     async def emit(event: StreamEvent) -> None:

@@ -21,8 +21,10 @@ class Settings(Frozen):
     default_max_output_tokens: int = Field(default=512, gt=0)
     #: Chunk summaries computed at once for one request's map step.
     map_concurrency: int = Field(default=4, gt=0)
-    #: How often a stream persists its text so far and checks for a cancel.
-    checkpoint_interval_s: float = Field(default=0.5, gt=0)
+    #: How often a stream persists its text so far (when it changed).
+    checkpoint_interval_s: float = Field(default=1.0, gt=0)
+    #: How often this process checks whether any of its streams was asked to cancel.
+    cancel_poll_s: float = Field(default=0.25, gt=0)
     #: Seconds of silence after which the stream sends an SSE `: ping` comment.
     ping_interval_s: float = Field(default=10.0, gt=0)
     request_ttl_days: int = Field(default=7, gt=0)

@@ -6,6 +6,7 @@ from typing import Any
 
 from precis.adapters.dynamodb import KeyStore, RequestStore
 from precis.api.app import Services
+from precis.domain.cancellation import CancelWatch
 from precis.domain.summarize import Summarizer
 from precis.observability import RequestTelemetry
 from precis.providers import ProviderFactory
@@ -37,6 +38,7 @@ def build_services(settings: Settings, dynamodb: Any | None = None) -> Services:
             providers,
             requests,
             RequestTelemetry(),
+            CancelWatch(requests, interval_s=settings.cancel_poll_s),
             map_concurrency=settings.map_concurrency,
             checkpoint_interval_s=settings.checkpoint_interval_s,
         ),

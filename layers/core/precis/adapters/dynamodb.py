@@ -97,7 +97,7 @@ class RequestRecord(Frozen):
     finish_reason: FinishReason | None = None
     partial: bool = False
     error: RequestError | None = None
-    latency_ms: dict[str, float] = {}
+    latency_ms: dict[str, float] = Field(default_factory=dict)
     created_at: float
     updated_at: float
 
@@ -131,20 +131,47 @@ class RequestStore:
             ConditionExpression="attribute_not_exists(pk)",
         )
 
-    def checkpoint(self, request_id: str, text: str, output_tokens: int) -> bool:
+    def checkpoint(self, request_id: str, text: str, output_tokens: int) -> None:
         try:
             self.table.update_item(
                 Key={"pk": f"request#{request_id}"},
                 UpdateExpression="SET #text = :text, output_tokens = :tokens, updated_at = :now",
-                ConditionExpression="attribute_exists(pk) AND attribute_not_exists(cancel_requested)",
-                ExpressionAttributeNames={"#text": "text"},
-                ExpressionAttributeValues={":text": text, ":tokens": output_tokens, ":now": Decimal(str(time.time()))},
+                ConditionExpression="attribute_exists(pk) AND #status = :running",
+                ExpressionAttributeNames={"#text": "text", "#status": "status"},
+                ExpressionAttributeValues={
+                    ":text": text,
+                    ":tokens": output_tokens,
+                    ":now": Decimal(str(time.time())),
+                    ":running": "in_progress",
+                },
             )
         except ClientError as exc:
-            if _conditional_failed(exc):
-                return False
-            raise
-        return True
+            if not _conditional_failed(exc):  # finished meanwhile: the final record wins
+                raise
+
+    def cancelled(self, request_ids: list[str]) -> set[str]:
+        """Which of `request_ids` have a cancel requested (implements `CancelFlags`)."""
+        found: set[str] = set()
+        client = self.table.meta.client
+        for start in range(0, len(request_ids), 100):  # BatchGetItem's limit
+            keys: list[dict[str, Any]] = [{"pk": f"request#{rid}"} for rid in request_ids[start : start + 100]]
+            while keys:
+                response = client.batch_get_item(
+                    RequestItems={
+                        self.table.name: {
+                            "Keys": keys,
+                            "ProjectionExpression": "request_id, cancel_requested",
+                            "ConsistentRead": True,
+                        }
+                    }
+                )
+                found.update(
+                    item["request_id"]
+                    for item in response["Responses"][self.table.name]
+                    if item.get("cancel_requested")
+                )
+                keys = response.get("UnprocessedKeys", {}).get(self.table.name, {}).get("Keys", [])
+        return found
 
     def finish(self, outcome: Outcome) -> None:
         summary = outcome.summary
@@ -172,7 +199,7 @@ class RequestStore:
         )
 
     def request_cancel(self, request_id: str, user_id: str) -> RequestRecord:
-        """Flag a running request for cancellation; the stream notices at its next checkpoint.
+        """Flag a running request for cancellation; its stream notices within one CancelWatch poll.
         Cancelling a finished request changes nothing and returns it as it is."""
         try:
             item = self.table.update_item(

@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import anyio.to_thread
 from fastapi import FastAPI, Header, Request
@@ -36,8 +36,8 @@ from precis.domain.models import (
     MetaEvent,
     StreamEvent,
     Style,
-    TokenEvent,
     TokenBudget,
+    TokenEvent,
 )
 from precis.domain.prompts import prompt_scaffold
 from precis.domain.summarize import MAP_OUTPUT_TOKENS, Summarizer, SummaryTask
@@ -174,12 +174,16 @@ def _replay_events(record: RequestRecord, tier: str, limits: Limits) -> list[Str
 
 def create_app(services: Services) -> FastAPI:
     settings = services.settings
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         # Load the tokenizer before the first request, not during it: under the Lambda Web Adapter
         # this runs in the init phase, before the readiness check passes.
         await anyio.to_thread.run_sync(encoding)
-        yield
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(services.summarizer.cancels.run)
+            yield
+            tg.cancel_scope.cancel()
 
     app = FastAPI(
         lifespan=lifespan,
@@ -220,7 +224,7 @@ def create_app(services: Services) -> FastAPI:
         if max_output > info.max_output_tokens:
             raise InvalidInputError(f"max_output_tokens: at most {info.max_output_tokens} for model {info.id!r}")
         limits = Limits(max_input_tokens=settings.max_input_tokens, max_output_tokens=info.max_output_tokens)
-        mode = "json" if _wants_json(accept) else "sse"
+        mode: Literal["sse", "json"] = "json" if _wants_json(accept) else "sse"
 
         request_id = f"req_{secrets.token_hex(16)}"
         if idempotency_key is not None:
@@ -246,7 +250,11 @@ def create_app(services: Services) -> FastAPI:
         try:
             task = await _prepare(services, principal, body, spec, max_output, limits, request_id)
             await anyio.to_thread.run_sync(
-                services.requests.create, request_id, principal.user_id, info.id, body.style.value,
+                services.requests.create,
+                request_id,
+                principal.user_id,
+                info.id,
+                body.style.value,
                 task.document_tokens,
             )
         except BaseException:
@@ -269,17 +277,13 @@ def create_app(services: Services) -> FastAPI:
         )
 
     @app.get("/v1/requests/{request_id}")
-    async def get_request(
-        request_id: str, authorization: Annotated[str | None, Header()] = None
-    ) -> dict[str, Any]:
+    async def get_request(request_id: str, authorization: Annotated[str | None, Header()] = None) -> dict[str, Any]:
         principal = await services.authenticate(authorization)
         record = await _find(services, request_id, principal)
         return record.model_dump(mode="json")
 
     @app.post("/v1/requests/{request_id}/cancel")
-    async def cancel_request(
-        request_id: str, authorization: Annotated[str | None, Header()] = None
-    ) -> JSONResponse:
+    async def cancel_request(request_id: str, authorization: Annotated[str | None, Header()] = None) -> JSONResponse:
         principal = await services.authenticate(authorization)
         if not _REQUEST_ID.match(request_id):
             raise NotFoundError(f"no request {request_id[:64]!r}")

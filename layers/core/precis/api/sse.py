@@ -25,7 +25,7 @@ from precis.domain.models import DoneEvent, ErrorEvent, MetaEvent, StreamEvent, 
 
 Producer = Callable[[Callable[[StreamEvent], Awaitable[None]]], Awaitable[Any]]
 
-_EVENT = TypeAdapter(StreamEvent)
+_EVENT: TypeAdapter[StreamEvent] = TypeAdapter(StreamEvent)
 PING = b": ping\n\n"
 
 

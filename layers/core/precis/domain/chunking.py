@@ -6,7 +6,7 @@ import re
 from typing import NamedTuple
 
 from precis.domain.models import Chunk, ChunkPlan, Document
-from precis.domain.tokens import count_many, token_pieces
+from precis.domain.tokens import count_many, count_tokens, token_pieces
 
 # A sentence ends at . ! ? or … (plus closing quotes or brackets) followed by whitespace and a
 # character that is not a lowercase letter, or at a blank line. A period after an initial ("John F.
@@ -62,9 +62,8 @@ def plan_chunks(document: Document, chunk_tokens: int, overlap_tokens: int) -> C
     if chunk_tokens <= 0:
         raise ValueError("chunk_tokens must be positive")
     text = document.text
-    units = _units(text, chunk_tokens)
-    total = sum(u.tokens for u in units)
-    if total <= chunk_tokens:
+    total = count_tokens(text)
+    if total <= chunk_tokens:  # the common case needs no sentence split at all
         return ChunkPlan(
             chunks=(Chunk(index=0, start=0, end=len(text), tokens=total, text=text),),
             total_tokens=total,
@@ -72,6 +71,7 @@ def plan_chunks(document: Document, chunk_tokens: int, overlap_tokens: int) -> C
             overlap_tokens=overlap_tokens,
         )
 
+    units = _units(text, chunk_tokens)
     chunks: list[Chunk] = []
     first = 0
     while first < len(units):
@@ -89,6 +89,4 @@ def plan_chunks(document: Document, chunk_tokens: int, overlap_tokens: int) -> C
         while first - 1 >= 0 and units[first - 1].start > start and overlap + units[first - 1].tokens <= room:
             first -= 1
             overlap += units[first].tokens
-    return ChunkPlan(
-        chunks=tuple(chunks), total_tokens=total, chunk_tokens=chunk_tokens, overlap_tokens=overlap_tokens
-    )
+    return ChunkPlan(chunks=tuple(chunks), total_tokens=total, chunk_tokens=chunk_tokens, overlap_tokens=overlap_tokens)

@@ -86,9 +86,7 @@ class Price(Frozen):
 
     def cost(self, usage: Usage) -> Decimal:
         million = Decimal(1_000_000)
-        return (
-            usage.input_tokens * self.input_per_mtok + usage.output_tokens * self.output_per_mtok
-        ) / million
+        return (usage.input_tokens * self.input_per_mtok + usage.output_tokens * self.output_per_mtok) / million
 
 
 class Prompt(Frozen):
@@ -172,9 +170,7 @@ class DoneEvent(Frozen):
     summary: str
 
 
-StreamEvent = Annotated[
-    MetaEvent | ProgressEvent | TokenEvent | ErrorEvent | DoneEvent, Field(discriminator="event")
-]
+StreamEvent = Annotated[MetaEvent | ProgressEvent | TokenEvent | ErrorEvent | DoneEvent, Field(discriminator="event")]
 
 
 # Results ----------------------------------------------------------------------------------------

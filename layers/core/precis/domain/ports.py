@@ -32,8 +32,8 @@ class ProviderResolver(Protocol):
 class RequestJournal(Protocol):
     """Where a streaming request's progress and outcome are kept, readable from any instance."""
 
-    def checkpoint(self, request_id: str, text: str, output_tokens: int) -> bool:
-        """Persist the text so far. Returns False when a cancel was requested for the request."""
+    def checkpoint(self, request_id: str, text: str, output_tokens: int) -> None:
+        """Persist the text so far of a running request."""
         ...
 
     def finish(self, outcome: Outcome) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
+from precis.domain.cancellation import CancelWatch
 from precis.domain.catalog import ModelSpec
 from precis.domain.errors import ModelError
 from precis.domain.models import (
@@ -112,13 +113,15 @@ class Summarizer:
         providers: ProviderResolver,
         journal: RequestJournal,
         telemetry: Telemetry,
+        cancels: CancelWatch,
         *,
         map_concurrency: int = 4,
-        checkpoint_interval_s: float = 0.5,
+        checkpoint_interval_s: float = 1.0,
     ) -> None:
         self.providers = providers
         self.journal = journal
         self.telemetry = telemetry
+        self.cancels = cancels
         self.map_concurrency = map_concurrency
         self.checkpoint_interval_s = checkpoint_interval_s
 
@@ -146,7 +149,7 @@ class Summarizer:
         error: ModelError | None = None
         disconnected = True
         try:
-            with anyio.CancelScope() as user_cancel:
+            with self.cancels.watch(task.request_id) as cancel_requested, anyio.CancelScope() as user_cancel:
                 async with anyio.create_task_group() as tg:
 
                     async def generate() -> None:
@@ -158,7 +161,8 @@ class Summarizer:
                         finally:
                             tg.cancel_scope.cancel()
 
-                    tg.start_soon(self._watch_for_cancel, task.request_id, draft, user_cancel)
+                    tg.start_soon(_cancel_when, cancel_requested, user_cancel)
+                    tg.start_soon(self._checkpoints, task.request_id, draft)
                     tg.start_soon(generate)
             if user_cancel.cancelled_caught:
                 finish = FinishReason.CANCELLED
@@ -182,17 +186,15 @@ class Summarizer:
         await emit(outcome.done_event())
         return outcome
 
-    async def _watch_for_cancel(self, request_id: str, draft: _Draft, scope: anyio.CancelScope) -> None:
-        """Checkpoint the text so far at a bounded rate; the same write tells whether a cancel was
-        requested, from any instance."""
+    async def _checkpoints(self, request_id: str, draft: _Draft) -> None:
+        """Persist the text so far at a bounded rate, so any instance can show it (and a crash of
+        this one loses at most one interval)."""
+        saved = 0
         while True:
             await anyio.sleep(self.checkpoint_interval_s)
-            keep_going = await anyio.to_thread.run_sync(
-                self.journal.checkpoint, request_id, draft.text, draft.output_tokens
-            )
-            if not keep_going:
-                scope.cancel()
-                return
+            if len(draft.parts) != saved:
+                saved = len(draft.parts)
+                await anyio.to_thread.run_sync(self.journal.checkpoint, request_id, draft.text, draft.output_tokens)
 
     async def _generate(
         self, task: SummaryTask, draft: _Draft, emit: Emit, timings: dict[str, float], started: float
@@ -261,7 +263,9 @@ class Summarizer:
                 break  # every summary alone fills a call: combining cannot shrink them further
             combined: list[str] = []
             for done, group in enumerate(groups, start=1):
-                text, _ = await self._call(task.model, combine_prompt(group, Style.PARAGRAPH, max_tokens), max_tokens, draft)
+                text, _ = await self._call(
+                    task.model, combine_prompt(group, Style.PARAGRAPH, max_tokens), max_tokens, draft
+                )
                 combined.append(text)
                 await emit(ProgressEvent(stage="reduce", done=done, total=len(groups)))
             summaries = combined
@@ -326,9 +330,16 @@ class Summarizer:
             usage=draft.usage,
             cost_usd=task.model.info.price.cost(draft.usage),
             latency_ms={k: round(v, 2) for k, v in timings.items()},
-            error=None if error is None else ErrorInfo(code=error.code, message=error.message, retryable=error.retryable),
+            error=None
+            if error is None
+            else ErrorInfo(code=error.code, message=error.message, retryable=error.retryable),
             disconnected=disconnected,
         )
+
+
+async def _cancel_when(requested: anyio.Event, scope: anyio.CancelScope) -> None:
+    await requested.wait()
+    scope.cancel()
 
 
 def _group(texts: list[str], room: int) -> list[list[str]]:

@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import httpx
+
     from precis.domain.catalog import ModelSpec
     from precis.domain.ports import ModelProvider
-    from precis.providers.bedrock import BedrockConfig
+    from precis.providers.bedrock import BedrockConfig, ConverseStreamClient
     from precis.providers.openai import OpenAIConfig
 
 
@@ -18,8 +20,8 @@ class ProviderFactory:
     def __init__(self, bedrock: BedrockConfig | None = None, openai: OpenAIConfig | None = None) -> None:
         self._bedrock_config = bedrock
         self._openai_config = openai
-        self._bedrock_client: object | None = None
-        self._openai_client: object | None = None
+        self._bedrock_client: ConverseStreamClient | None = None
+        self._openai_client: httpx.AsyncClient | None = None
 
     def validate(self, spec: ModelSpec) -> None:
         """Raise `InvalidInputError` now, before anything is stored, if the options are wrong."""
@@ -35,7 +37,7 @@ class ProviderFactory:
         if spec.options:
             raise InvalidInputError(f"model {spec.info.id!r} takes no options")
         if spec.info.provider == "bedrock":
-            from precis.providers.bedrock import BedrockModel, BedrockConfig, bedrock_client
+            from precis.providers.bedrock import BedrockConfig, BedrockModel, bedrock_client
 
             if self._bedrock_client is None:
                 self._bedrock_client = bedrock_client(self._bedrock_config or BedrockConfig())

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import anyio
@@ -123,9 +123,9 @@ def _(exc: Exception) -> ModelError:
 class _ConverseStreamCall:
     """One ConverseStream call whose blocking parts run in worker threads.
 
-    `close` is called from the event loop and never waits on the network: it shuts the socket down
-    so that a worker blocked in a read returns at once, then closes the response. A call given up
-    while still being opened is closed by the worker that opens it.
+    `close` is called from the event loop and must not wait on the network: it shuts the socket
+    down so that a worker blocked in a read returns at once, then closes the response. A call given
+    up while still being opened is closed by the worker that opens it, when the response arrives.
     """
 
     def __init__(self, client: ConverseStreamClient, request: dict[str, Any]) -> None:
@@ -153,10 +153,11 @@ class _ConverseStreamCall:
             stream = self._stream
         if stream is None:
             return
-        # Closing alone would wait for the read in progress, holding the response's buffer lock,
-        # to finish. urllib3 >= 2.3 offers `shutdown` for exactly this; botocore keeps its urllib3
-        # response private, hence the getattrs. `shutdown` refuses (RuntimeError) once a fully read
-        # response has returned its connection to the pool, so a finished stream keeps it alive.
+        # Closing alone waits for the read in progress (it holds the response's buffer lock) until
+        # the next event or the read timeout. urllib3 >= 2.3 offers `shutdown` for exactly this;
+        # botocore keeps its urllib3 response private, hence the getattrs. `shutdown` refuses
+        # (RuntimeError) once a fully read response has returned its connection to the pool, so a
+        # finished stream keeps its keep-alive connection.
         shutdown = getattr(getattr(stream, "_raw_stream", None), "shutdown", None)
         if shutdown is not None:
             with contextlib.suppress(ValueError, RuntimeError, OSError):
@@ -182,15 +183,21 @@ class BedrockModel:
             request["system"] = [{"text": prompt.system}]
         return request
 
-    async def stream(self, prompt: Prompt, *, max_output_tokens: int) -> AsyncIterator[ModelEvent]:
+    async def stream(self, prompt: Prompt, *, max_output_tokens: int) -> AsyncGenerator[ModelEvent, None]:
         call = _ConverseStreamCall(self._client, self._request(prompt, max_output_tokens))
         stop_reason: str | None = None
         usage: Usage | None = None
+        # A stream holds a thread for as long as the model takes between two events. A limiter of
+        # its own keeps many concurrent streams from exhausting anyio's default one (40 threads,
+        # shared with everything else in the process that runs in threads).
+        limiter = anyio.CapacityLimiter(1)
         try:
             # abandon_on_cancel: a cancelled consumer does not wait for the thread; `close` below
             # makes the abandoned thread return.
-            await anyio.to_thread.run_sync(call.open, abandon_on_cancel=True)
-            while (event := await anyio.to_thread.run_sync(call.next_event, abandon_on_cancel=True)) is not None:
+            await anyio.to_thread.run_sync(call.open, abandon_on_cancel=True, limiter=limiter)
+            while (
+                event := await anyio.to_thread.run_sync(call.next_event, abandon_on_cancel=True, limiter=limiter)
+            ) is not None:
                 if "contentBlockDelta" in event:
                     # Only text: other delta kinds (reasoning, tool use) are not part of the answer.
                     text = event["contentBlockDelta"]["delta"].get("text")
