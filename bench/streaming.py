@@ -1,10 +1,11 @@
 """Streaming overhead: the gateway's stream against the model's own, in one run.
 
-The model is `local?ttft_ms=500&token_ms=20`. For each concurrency level the same number of streams
-is read twice: straight from the provider in this process (the model's own stream), and through the
-gateway of a local stack running in its own process (`python -m local serve`: uvicorn, moto, the
-DynamoDB writes of every request), over real HTTP. Overhead = gateway figure - model figure, per
-percentile, so machine noise common to both cancels out as far as it can.
+The model is `local?ttft_ms=500&token_ms=20`. At each concurrency level N, N clients each read
+streams back to back for a fixed time (a closed loop, starts staggered over one stream's length),
+twice: straight from the provider in this process (the model's own stream), and through the gateway
+of a local stack in its own process (`python -m local serve`: uvicorn, plus moto in a third process
+taking the DynamoDB calls of every request), over real HTTP. Overhead = gateway figure - model
+figure, per percentile, so machine noise common to both cancels out as far as it can.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +33,9 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL = "local?ttft_ms=500&token_ms=20"
 DOCUMENT = (ROOT / "local" / "samples" / "lighthouses.txt").read_text()
 MAX_OUTPUT_TOKENS = 120
+#: How long each concurrency level runs, per side, and about how long one stream lasts.
+SECONDS_PER_LEVEL = 8.0
+STREAM_SECONDS = 2.5
 
 
 @dataclass
@@ -116,15 +121,28 @@ class StackProcess:
         self.process.wait(timeout=10)
 
 
+async def closed_loop(concurrency: int, one_stream: Callable[[], Awaitable[StreamTiming]]) -> list[StreamTiming]:
+    results: list[StreamTiming] = []
+    deadline = time.perf_counter() + SECONDS_PER_LEVEL
+
+    async def client(index: int) -> None:
+        await asyncio.sleep(index * STREAM_SECONDS / concurrency)
+        while time.perf_counter() < deadline:
+            results.append(await one_stream())
+
+    await asyncio.gather(*(client(i) for i in range(concurrency)))
+    return results
+
+
 async def measure(concurrency: int, url: str, api_key: str) -> tuple[list[StreamTiming], list[StreamTiming]]:
-    own = await asyncio.gather(*(model_stream() for _ in range(concurrency)))
+    own = await closed_loop(concurrency, model_stream)
     limits = httpx.Limits(max_connections=concurrency + 5, max_keepalive_connections=concurrency + 5)
     async with httpx.AsyncClient(
         base_url=url, headers={"authorization": f"Bearer {api_key}"}, limits=limits, timeout=60
     ) as client:
-        await gateway_stream(client)  # warm the connection pool's first connection and the server
-        through = await asyncio.gather(*(gateway_stream(client) for _ in range(concurrency)))
-    return list(own), list(through)
+        await gateway_stream(client)  # warm the server and the first connection
+        through = await closed_loop(concurrency, lambda: gateway_stream(client))
+    return own, through
 
 
 def import_time_ms(runs: int = 5) -> tuple[float, float]:
@@ -153,7 +171,7 @@ def import_time_ms(runs: int = 5) -> tuple[float, float]:
 def run(levels: tuple[int, ...] = (1, 10, 50)) -> str:
     encoding()  # the model's own stream must not pay the tokenizer's first load
     stack = StackProcess()
-    rows = []
+    rows: list[str] = []
     try:
         for concurrency in levels:
             own, through = asyncio.run(measure(concurrency, stack.url, stack.api_key))
@@ -162,31 +180,26 @@ def run(levels: tuple[int, ...] = (1, 10, 50)) -> str:
             own_gap = statistics.mean(t.token_gap_s for t in own) * 1000
             gw_gap = statistics.mean(t.token_gap_s for t in through) * 1000
             rows.append(
-                (
-                    concurrency,
-                    percentile(gw_ttft, 50) - percentile(own_ttft, 50),
-                    percentile(gw_ttft, 99) - percentile(own_ttft, 99),
-                    percentile([t.meta_s * 1000 for t in through], 99),
-                    gw_gap - own_gap,
-                    percentile(own_ttft, 50),
-                    percentile(gw_ttft, 50),
-                )
+                f"| {concurrency} | {len(through)} "
+                f"| {percentile(gw_ttft, 50) - percentile(own_ttft, 50):.1f} "
+                f"| {percentile(gw_ttft, 99) - percentile(own_ttft, 99):.1f} "
+                f"| {percentile([t.meta_s * 1000 for t in through], 99):.1f} | {gw_gap - own_gap:.2f} "
+                f"| {percentile(own_ttft, 50):.0f} / {percentile(own_ttft, 99):.0f} "
+                f"| {percentile(gw_ttft, 50):.0f} / {percentile(gw_ttft, 99):.0f} |"
             )
     finally:
         stack.close()
     import_ms, tokenizer_ms = import_time_ms()
 
     lines = [
-        f"Model `{MODEL}`, {MAX_OUTPUT_TOKENS} output tokens max; gateway = local stack in its own process.",
+        f"Model `{MODEL}`, {MAX_OUTPUT_TOKENS} output tokens max; N clients in a closed loop for "
+        f"{SECONDS_PER_LEVEL:.0f} s per side; gateway = local stack in its own process, moto in another.",
         "",
-        "| streams | TTFT overhead p50 (ms) | TTFT overhead p99 (ms) | meta p99 (ms) | per-token overhead (ms) "
-        "| model TTFT p50 (ms) | gateway TTFT p50 (ms) |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| streams | requests | TTFT overhead p50 (ms) | TTFT overhead p99 (ms) | meta p99 (ms) "
+        "| per-token overhead (ms) | model TTFT p50 / p99 (ms) | gateway TTFT p50 / p99 (ms) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    lines += [
-        f"| {c} | {p50:.1f} | {p99:.1f} | {meta:.1f} | {gap:.2f} | {own:.1f} | {gw:.1f} |"
-        for c, p50, p99, meta, gap, own, gw in rows
-    ]
+    lines += rows
     lines += [
         "",
         "| cold-start proxy | median of 5 fresh interpreters (ms) |",

@@ -204,12 +204,14 @@ class LocalStack:
             raise RuntimeError("moto did not start (python -m local.cloud)")
 
         def stop() -> None:
-            assert cloud.stdin is not None
+            assert cloud.stdin is not None and cloud.stdout is not None
             cloud.stdin.close()
             try:
                 cloud.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 cloud.kill()
+                cloud.wait()
+            cloud.stdout.close()
 
         self._stops.append(stop)
         port = int(ready[1])

