@@ -4,11 +4,23 @@
 - `handler`: mangum, for buffered invocations of the same app (an API Gateway or a test event).
 """
 
-from mangum import Mangum
+from functools import cache
+from typing import Any
 
 from precis.api.app import create_app
 from precis.settings import Settings
 from precis.wiring import build_services
 
 app = create_app(build_services(Settings.from_env()))
-handler = Mangum(app, lifespan="off")
+
+
+@cache
+def _buffered() -> Any:
+    from mangum import Mangum  # only the buffered path needs it: keep it out of the streaming cold start
+
+    return Mangum(app, lifespan="off")
+
+
+def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    response: dict[str, Any] = _buffered()(event, context)
+    return response

@@ -7,19 +7,31 @@ Correlation id = request id: `correlate(request_id)` puts it on every log line o
 from __future__ import annotations
 
 import os
+from functools import cache
 from typing import TYPE_CHECKING
 
-from aws_lambda_powertools import Logger, Tracer
+from aws_lambda_powertools import Logger
 from aws_lambda_powertools.metrics import EphemeralMetrics, MetricUnit
 
 if TYPE_CHECKING:
+    from aws_lambda_powertools import Tracer
+
     from precis.domain.summarize import Outcome
 
 SERVICE = os.environ.get("POWERTOOLS_SERVICE_NAME", "precis")
 NAMESPACE = os.environ.get("POWERTOOLS_METRICS_NAMESPACE", "Precis")
 
 logger = Logger(service=SERVICE)
-tracer = Tracer(service=SERVICE)
+
+
+@cache
+def tracer() -> Tracer:
+    """The Tracer, for handlers the Lambda runtime invokes directly. Created on first use: importing
+    the X-Ray SDK costs about 0.4 s, and the gateway has no use for it (behind the web adapter the
+    app runs in a process of its own, outside the runtime's per-invocation trace context)."""
+    from aws_lambda_powertools import Tracer
+
+    return Tracer(service=SERVICE)
 
 
 def correlate(request_id: str, **keys: str) -> None:

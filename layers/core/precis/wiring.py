@@ -10,8 +10,6 @@ from precis.domain.cancellation import CancelWatch
 from precis.domain.summarize import Summarizer
 from precis.observability import RequestTelemetry
 from precis.providers import ProviderFactory
-from precis.providers.bedrock import BedrockConfig
-from precis.providers.openai import OpenAIConfig
 from precis.settings import Settings
 
 
@@ -28,10 +26,7 @@ def dynamodb_resource() -> Any:
 def build_services(settings: Settings, dynamodb: Any | None = None) -> Services:
     dynamodb = dynamodb if dynamodb is not None else dynamodb_resource()
     requests = RequestStore(dynamodb.Table(settings.requests_table), ttl_days=settings.request_ttl_days)
-    providers = ProviderFactory(
-        bedrock=BedrockConfig(region=settings.bedrock_region, endpoint_url=settings.bedrock_endpoint_url),
-        openai=OpenAIConfig(base_url=settings.openai_base_url, api_key=settings.openai_api_key),
-    )
+    providers = ProviderFactory(settings)
     return Services(
         settings=settings,
         keys=KeyStore(dynamodb.Table(settings.keys_table)),

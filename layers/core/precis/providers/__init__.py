@@ -4,22 +4,22 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from precis.settings import Settings
+
 if TYPE_CHECKING:
     import httpx
 
     from precis.domain.catalog import ModelSpec
     from precis.domain.ports import ModelProvider
-    from precis.providers.bedrock import BedrockConfig, ConverseStreamClient
-    from precis.providers.openai import OpenAIConfig
+    from precis.providers.bedrock import ConverseStreamClient
 
 
 class ProviderFactory:
-    """Builds the provider for a resolved model. Remote clients are created once, on first use, so a
-    gateway that only ever serves `local` never imports boto3's bedrock-runtime or opens a socket."""
+    """Builds the provider for a resolved model. Remote providers are imported and their clients
+    created on first use, so a gateway that only serves `local` pays for neither at cold start."""
 
-    def __init__(self, bedrock: BedrockConfig | None = None, openai: OpenAIConfig | None = None) -> None:
-        self._bedrock_config = bedrock
-        self._openai_config = openai
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings()
         self._bedrock_client: ConverseStreamClient | None = None
         self._openai_client: httpx.AsyncClient | None = None
 
@@ -40,11 +40,15 @@ class ProviderFactory:
             from precis.providers.bedrock import BedrockConfig, BedrockModel, bedrock_client
 
             if self._bedrock_client is None:
-                self._bedrock_client = bedrock_client(self._bedrock_config or BedrockConfig())
+                config = BedrockConfig(
+                    region=self.settings.bedrock_region, endpoint_url=self.settings.bedrock_endpoint_url
+                )
+                self._bedrock_client = bedrock_client(config)
             return BedrockModel(self._bedrock_client, spec.info.provider_model_id)
         from precis.providers.openai import OpenAIConfig, OpenAIModel, openai_client
 
-        config = self._openai_config or OpenAIConfig()
         if self._openai_client is None:
-            self._openai_client = openai_client(config)
+            self._openai_client = openai_client(
+                OpenAIConfig(base_url=self.settings.openai_base_url, api_key=self.settings.openai_api_key)
+            )
         return OpenAIModel(self._openai_client, spec.info.provider_model_id)

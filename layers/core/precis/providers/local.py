@@ -13,8 +13,8 @@ import math
 import re
 import time
 from collections import Counter
-from functools import lru_cache
 from collections.abc import AsyncIterator
+from functools import lru_cache
 from typing import Literal
 
 from pydantic import Field, ValidationError
