@@ -117,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     summarize.add_argument("--model", default=None)
     summarize.add_argument("--style", default="paragraph", choices=["tldr", "bullets", "paragraph"])
     args = parser.parse_args(argv)
+    if args.command == "run":
+        # The demo's terminal shows the summary; the gateway's JSON logs and EMF lines would bury it
+        # (`make serve` keeps them). Set before precis is imported: its Logger reads them once.
+        os.environ.setdefault("POWERTOOLS_LOG_LEVEL", "WARNING")
+        os.environ.setdefault("POWERTOOLS_METRICS_DISABLED", "true")
 
     if args.command == "summarize":
         if not args.key:

@@ -8,10 +8,10 @@ from precis.settings import Settings
 
 if TYPE_CHECKING:
     import httpx
+    from mypy_boto3_bedrock_runtime import BedrockRuntimeClient
 
     from precis.domain.catalog import ModelSpec
     from precis.domain.ports import ModelProvider
-    from precis.providers.bedrock import ConverseStreamClient
 
 
 class ProviderFactory:
@@ -20,7 +20,7 @@ class ProviderFactory:
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or Settings()
-        self._bedrock_client: ConverseStreamClient | None = None
+        self._bedrock_client: BedrockRuntimeClient | None = None
         self._openai_client: httpx.AsyncClient | None = None
 
     def validate(self, spec: ModelSpec) -> None:

@@ -10,7 +10,7 @@ import contextlib
 import functools
 import threading
 from collections.abc import AsyncGenerator, Iterator
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 from botocore.eventstream import ParserError
@@ -24,6 +24,7 @@ from precis.domain.models import Completion, Delta, FinishReason, Frozen, ModelE
 
 if TYPE_CHECKING:
     from botocore.eventstream import EventStream
+    from mypy_boto3_bedrock_runtime import BedrockRuntimeClient
 
 
 class BedrockConfig(Frozen):
@@ -40,13 +41,7 @@ class BedrockConfig(Frozen):
     max_pool_connections: int = Field(default=50, ge=1)
 
 
-class ConverseStreamClient(Protocol):
-    """The part of a boto3 `bedrock-runtime` client that the provider uses."""
-
-    def converse_stream(self, **kwargs: Any) -> dict[str, Any]: ...
-
-
-def bedrock_client(config: BedrockConfig) -> ConverseStreamClient:
+def bedrock_client(config: BedrockConfig) -> BedrockRuntimeClient:
     """A boto3 `bedrock-runtime` client. boto3 is imported here so that importing this module is cheap."""
     import boto3
     from botocore.config import Config
@@ -58,10 +53,9 @@ def bedrock_client(config: BedrockConfig) -> ConverseStreamClient:
         max_pool_connections=config.max_pool_connections,
     )
     # A session of its own: boto3's default session is not safe to create clients from concurrently.
-    client: ConverseStreamClient = boto3.session.Session().client(
+    return boto3.session.Session().client(
         "bedrock-runtime", region_name=config.region, endpoint_url=config.endpoint_url, config=client_config
     )
-    return client
 
 
 # Error codes are compared lowercased: the same error is `ThrottlingException` in an HTTP error
@@ -128,7 +122,7 @@ class _ConverseStreamCall:
     up while still being opened is closed by the worker that opens it, when the response arrives.
     """
 
-    def __init__(self, client: ConverseStreamClient, request: dict[str, Any]) -> None:
+    def __init__(self, client: BedrockRuntimeClient, request: dict[str, Any]) -> None:
         self._client = client
         self._request = request
         self._lock = threading.Lock()
@@ -168,7 +162,7 @@ class _ConverseStreamCall:
 class BedrockModel:
     """A Bedrock model, streamed with ConverseStream (one system prompt, one user message)."""
 
-    def __init__(self, client: ConverseStreamClient, model_id: str) -> None:
+    def __init__(self, client: BedrockRuntimeClient, model_id: str) -> None:
         self._client = client
         self._model_id = model_id
 
