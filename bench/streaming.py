@@ -145,6 +145,49 @@ async def measure(concurrency: int, url: str, api_key: str) -> tuple[list[Stream
     return own, through
 
 
+def moto_call_ms(calls: int = 100) -> tuple[float, float]:
+    """What one DynamoDB call costs on the local stack: wall time against local/cloud.py's moto, and
+    the client's own CPU (botocore), medians. Every request makes about four such calls."""
+    import boto3
+
+    cloud = subprocess.Popen(
+        [sys.executable, "-m", "local.cloud"], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert cloud.stdin is not None and cloud.stdout is not None
+    try:
+        port = int(cloud.stdout.readline().split()[1])
+        client = boto3.client(
+            "dynamodb",
+            endpoint_url=f"http://127.0.0.1:{port}",
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+        client.create_table(
+            TableName="bench",
+            AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
+            KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
+            BillingMode="PAY_PER_REQUEST",
+        )
+        walls, cpus = [], []
+        for i in range(calls):
+            wall, cpu = time.perf_counter(), time.process_time()
+            client.update_item(
+                TableName="bench",
+                Key={"pk": {"S": f"request#{i % 10}"}},
+                UpdateExpression="SET #t = :t",
+                ExpressionAttributeNames={"#t": "text"},
+                ExpressionAttributeValues={":t": {"S": DOCUMENT[:600]}},
+            )
+            walls.append((time.perf_counter() - wall) * 1000)
+            cpus.append((time.process_time() - cpu) * 1000)
+        return statistics.median(walls), statistics.median(cpus)
+    finally:
+        cloud.stdin.close()
+        cloud.wait(timeout=10)
+        cloud.stdout.close()
+
+
 def import_time_ms(runs: int = 5) -> tuple[float, float]:
     """Cold-start proxy: a fresh interpreter importing the gateway module (functions/gateway/app.py),
     and separately the tokenizer load the app does at startup. Medians of `runs` fresh processes."""
@@ -190,6 +233,7 @@ def run(levels: tuple[int, ...] = (1, 10, 50)) -> str:
     finally:
         stack.close()
     import_ms, tokenizer_ms = import_time_ms()
+    moto_wall_ms, moto_cpu_ms = moto_call_ms()
 
     lines = [
         f"Model `{MODEL}`, {MAX_OUTPUT_TOKENS} output tokens max; N clients in a closed loop for "
@@ -206,5 +250,10 @@ def run(levels: tuple[int, ...] = (1, 10, 50)) -> str:
         "|---|---:|",
         f"| import functions/gateway/app.py | {import_ms:.0f} |",
         f"| tokenizer load at startup (lifespan) | {tokenizer_ms:.0f} |",
+        "",
+        "| one DynamoDB UpdateItem on the local stack (moto) | median (ms) |",
+        "|---|---:|",
+        f"| wall time | {moto_wall_ms:.1f} |",
+        f"| CPU in the calling process (botocore) | {moto_cpu_ms:.1f} |",
     ]
     return "\n".join(lines)

@@ -4,6 +4,7 @@
 - run: serve, then summarize the bundled sample document live, printing tokens as they arrive and the
   done event's usage, cost and per-stage latency; keep serving (or exit with --once).
 - summarize FILE: stream a summary of FILE from a running stack (`--url`, `--key`).
+- add-key: create an API key in a deployed stack's KeysTable (uses your AWS credentials).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import signal
 import sys
 import threading
@@ -116,7 +118,20 @@ def main(argv: list[str] | None = None) -> int:
     summarize.add_argument("--key", default=os.environ.get("PRECIS_DEV_API_KEY", ""))
     summarize.add_argument("--model", default=None)
     summarize.add_argument("--style", default="paragraph", choices=["tldr", "bullets", "paragraph"])
+    add_key = commands.add_parser("add-key", help="create an API key in a deployed KeysTable")
+    add_key.add_argument("--table", required=True, help="the KeysTableName output of the stack")
+    add_key.add_argument("--user", required=True, help="the user id the key acts as")
+    add_key.add_argument("--tier", default="free")
     args = parser.parse_args(argv)
+    if args.command == "add-key":
+        import boto3
+
+        from precis.adapters.dynamodb import KeyStore
+
+        api_key = f"pk_{secrets.token_urlsafe(24)}"
+        KeyStore(boto3.resource("dynamodb").Table(args.table)).add(api_key, user_id=args.user, tier=args.tier)
+        console.print(f"API key for {args.user} ({args.tier}): [green]{api_key}[/green] (stored only as its SHA-256)")
+        return 0
     if args.command == "run":
         # The demo's terminal shows the summary; the gateway's JSON logs and EMF lines would bury it
         # (`make serve` keeps them). Set before precis is imported: its Logger reads them once.

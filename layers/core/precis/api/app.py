@@ -39,9 +39,9 @@ from precis.domain.models import (
     TokenBudget,
     TokenEvent,
 )
-from precis.domain.prompts import prompt_scaffold
+from precis.domain.prompts import scaffold_tokens
 from precis.domain.summarize import MAP_OUTPUT_TOKENS, Summarizer, SummaryTask
-from precis.domain.tokens import count_tokens, encoding
+from precis.domain.tokens import encoding
 from precis.observability import correlate, logger
 from precis.providers import ProviderFactory
 from precis.settings import Settings
@@ -315,7 +315,7 @@ async def _prepare(
     a 200k-token document takes a few hundred milliseconds to tokenize)."""
     settings = services.settings
     started = time.monotonic()
-    scaffold = await anyio.to_thread.run_sync(count_tokens, prompt_scaffold(body.style, max_output))
+    scaffold = scaffold_tokens(body.style, max_output)
     budget = TokenBudget(
         context_window=spec.info.context_window,
         max_output_tokens=max(max_output, MAP_OUTPUT_TOKENS),

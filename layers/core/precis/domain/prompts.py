@@ -7,6 +7,8 @@ any `</document` inside it is defanged.
 
 from __future__ import annotations
 
+from functools import cache
+
 from precis.domain.models import Prompt, Style
 from precis.domain.tokens import count_tokens
 
@@ -70,10 +72,12 @@ def combine_prompt(summaries: list[str], style: Style, max_output_tokens: int) -
     )
 
 
-def prompt_scaffold(style: Style, max_output_tokens: int) -> str:
-    """The longest non-document text any prompt carries: what a budget reserves besides the document."""
+@cache
+def scaffold_tokens(style: Style, max_output_tokens: int) -> int:
+    """Tokens of the longest non-document text any prompt carries: what a budget reserves besides
+    the document."""
     worst = combine_prompt([""], style, max_output_tokens)
-    return worst.system + worst.user_message()
+    return prompt_tokens(worst)
 
 
 def prompt_tokens(prompt: Prompt) -> int:
