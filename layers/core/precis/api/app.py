@@ -27,6 +27,7 @@ from precis.api.sse import EventStreamResponse
 from precis.domain.catalog import Catalog, ModelSpec
 from precis.domain.chunking import plan_chunks
 from precis.domain.errors import InputTooLargeError, InvalidInputError, NotFoundError, UnauthenticatedError
+from precis.domain.inference import chunk_budget
 from precis.domain.models import (
     Document,
     DoneEvent,
@@ -36,11 +37,9 @@ from precis.domain.models import (
     MetaEvent,
     StreamEvent,
     Style,
-    TokenBudget,
     TokenEvent,
 )
-from precis.domain.prompts import scaffold_tokens
-from precis.domain.summarize import MAP_OUTPUT_TOKENS, Summarizer, SummaryTask
+from precis.domain.summarize import Summarizer, SummaryTask
 from precis.domain.tokens import encoding
 from precis.observability import correlate, logger
 from precis.providers import ProviderFactory
@@ -315,14 +314,7 @@ async def _prepare(
     a 200k-token document takes a few hundred milliseconds to tokenize)."""
     settings = services.settings
     started = time.monotonic()
-    scaffold = scaffold_tokens(body.style, max_output)
-    budget = TokenBudget(
-        context_window=spec.info.context_window,
-        max_output_tokens=max(max_output, MAP_OUTPUT_TOKENS),
-        prompt_overhead=scaffold + 32,
-    )
-    chunk_tokens = budget.document_tokens
-    overlap = min(200, chunk_tokens // 10)
+    chunk_tokens, overlap = chunk_budget(spec.info, body.style, max_output)
     plan = await anyio.to_thread.run_sync(plan_chunks, Document(text=body.text), chunk_tokens, overlap)
     if plan.total_tokens > settings.max_input_tokens:
         raise InputTooLargeError(

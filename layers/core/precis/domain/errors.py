@@ -91,3 +91,20 @@ class PermanentModelError(ModelError):
     """Retrying the same call cannot help: validation, access denied, unknown model id upstream."""
 
     code = "model_error"
+
+
+# Storage ----------------------------------------------------------------------------------------
+
+
+class TransientStorageError(PrecisError):
+    """S3 or DynamoDB throttled or failed on their side: worth retrying."""
+
+    code = "storage_unavailable"
+    status = 503
+    retryable = True
+
+
+class InvalidDocumentError(InvalidInputError):
+    """The document itself cannot be summarized: empty, not UTF-8 text, too large."""
+
+    code = "invalid_document"

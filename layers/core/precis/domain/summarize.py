@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
-from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -18,9 +17,9 @@ import anyio.to_thread
 from precis.domain.cancellation import CancelWatch
 from precis.domain.catalog import ModelSpec
 from precis.domain.errors import ModelError
+from precis.domain.inference import MAP_OUTPUT_TOKENS, call_model, reduce_to_prompt
 from precis.domain.models import (
     ChunkPlan,
-    Completion,
     DoneEvent,
     ErrorEvent,
     FinishReason,
@@ -37,13 +36,9 @@ from precis.domain.models import (
 )
 from precis.domain.ports import ProviderResolver, RequestJournal, Telemetry
 from precis.domain.postprocess import postprocess
-from precis.domain.prompts import chunk_prompt, combine_prompt, prompt_tokens, summary_prompt
-from precis.domain.tokens import count_tokens
+from precis.domain.prompts import chunk_prompt, summary_prompt
 
 Emit = Callable[[StreamEvent], Awaitable[None]]
-
-#: Output budget of one chunk's summary in the map step.
-MAP_OUTPUT_TOKENS = 384
 
 
 class SummaryTask(Frozen):
@@ -253,23 +248,16 @@ class Summarizer:
         return summaries
 
     async def _reduce(self, task: SummaryTask, draft: _Draft, emit: Emit, summaries: list[str]) -> Prompt:
-        """Combine chunk summaries into the final prompt; when they are too long for one call,
-        summarize them in groups first, as often as it takes."""
-        room = task.plan.chunk_tokens
-        max_tokens = min(MAP_OUTPUT_TOKENS, task.model.info.max_output_tokens)
-        while count_tokens("\n\n".join(summaries)) > room and len(summaries) > 1:
-            groups = _group(summaries, room)
-            if len(groups) == len(summaries):
-                break  # every summary alone fills a call: combining cannot shrink them further
-            combined: list[str] = []
-            for done, group in enumerate(groups, start=1):
-                text, _ = await self._call(
-                    task.model, combine_prompt(group, Style.PARAGRAPH, max_tokens), max_tokens, draft
-                )
-                combined.append(text)
-                await emit(ProgressEvent(stage="reduce", done=done, total=len(groups)))
-            summaries = combined
-        return combine_prompt(summaries, task.style, task.max_output_tokens)
+        async def summarize(prompt: Prompt, max_tokens: int) -> str:
+            text, _ = await self._call(task.model, prompt, max_tokens, draft)
+            return text
+
+        async def progress(done: int, total: int) -> None:
+            await emit(ProgressEvent(stage="reduce", done=done, total=total))
+
+        return await reduce_to_prompt(
+            summaries, task.style, task.max_output_tokens, task.plan.chunk_tokens, summarize, progress
+        )
 
     async def _call(
         self,
@@ -279,33 +267,21 @@ class Summarizer:
         draft: _Draft,
         on_text: Callable[[str], Awaitable[None]] | None = None,
     ) -> tuple[str, FinishReason]:
-        """One model call. Its usage is added to the draft however the call ends: the provider's
-        report when there is one, else the prompt and the text received, counted."""
-        provider = self.providers.build(model)
-        parts: list[str] = []
-        usage: Usage | None = None
-        finish = FinishReason.STOP
-        stream: Any = provider.stream(prompt, max_output_tokens=max_output_tokens)
-        try:
-            async for event in stream:
-                if isinstance(event, Completion):
-                    usage, finish = event.usage, event.finish_reason
-                    continue
-                parts.append(event.text)
-                draft.in_flight_tokens += 1
-                if on_text is not None:
-                    await on_text(event.text)
-        except ModelError as exc:
-            usage = exc.usage
-            raise
-        finally:
-            with anyio.CancelScope(shield=True):
-                await stream.aclose()
-            if usage is None:
-                usage = Usage(input_tokens=prompt_tokens(prompt), output_tokens=count_tokens("".join(parts)))
-            draft.in_flight_tokens -= len(parts)
+        """One model call, its usage added to the draft however it ends."""
+        received = 0
+
+        async def count(text: str) -> None:
+            nonlocal received
+            received += 1
+            draft.in_flight_tokens += 1
+            if on_text is not None:
+                await on_text(text)
+
+        def settle(usage: Usage) -> None:
+            draft.in_flight_tokens -= received
             draft.usage += usage
-        return "".join(parts), finish
+
+        return await call_model(self.providers.build(model), prompt, max_output_tokens, on_usage=settle, on_text=count)
 
     def _outcome(
         self,
@@ -340,20 +316,6 @@ class Summarizer:
 async def _cancel_when(requested: anyio.Event, scope: anyio.CancelScope) -> None:
     await requested.wait()
     scope.cancel()
-
-
-def _group(texts: list[str], room: int) -> list[list[str]]:
-    """Consecutive texts packed into groups of at most `room` tokens (a lone oversized text forms its
-    own group: the model call will truncate it, which beats looping forever)."""
-    groups: list[list[str]] = [[]]
-    used = 0
-    for text, tokens in zip(texts, [count_tokens(t) for t in texts], strict=True):
-        if groups[-1] and used + tokens > room:
-            groups.append([])
-            used = 0
-        groups[-1].append(text)
-        used += tokens
-    return groups
 
 
 def _ms(since: float) -> float:

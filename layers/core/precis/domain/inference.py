@@ -1,0 +1,103 @@
+"""Model calls and the map-reduce arithmetic shared by the streaming gateway and the job stages."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+
+from precis.domain.catalog import ModelInfo
+from precis.domain.errors import ModelError
+from precis.domain.models import Completion, FinishReason, Prompt, Style, TokenBudget, Usage
+from precis.domain.ports import ModelProvider
+from precis.domain.prompts import combine_prompt, prompt_tokens, scaffold_tokens
+from precis.domain.tokens import count_tokens
+
+#: Output budget of one chunk's summary in the map step, and of a combining round.
+MAP_OUTPUT_TOKENS = 384
+
+
+def chunk_budget(model: ModelInfo, style: Style, max_output_tokens: int) -> tuple[int, int]:
+    """Chunk size and overlap, in tokens, so that any one call (chunk, combine or final) fits the
+    model's context window with its instructions and its answer."""
+    budget = TokenBudget(
+        context_window=model.context_window,
+        max_output_tokens=max(max_output_tokens, MAP_OUTPUT_TOKENS),
+        prompt_overhead=scaffold_tokens(style, max_output_tokens) + 32,
+    )
+    chunk_tokens = budget.document_tokens
+    return chunk_tokens, min(200, chunk_tokens // 10)
+
+
+async def call_model(
+    provider: ModelProvider,
+    prompt: Prompt,
+    max_output_tokens: int,
+    *,
+    on_usage: Callable[[Usage], None],
+    on_text: Callable[[str], Awaitable[None]] | None = None,
+) -> tuple[str, FinishReason]:
+    """One model call. `on_usage` gets its usage however the call ends (success, failure or
+    cancellation): the provider's report when there is one, else the prompt and the text received,
+    counted with cl100k_base."""
+    parts: list[str] = []
+    usage: Usage | None = None
+    finish = FinishReason.STOP
+    stream: Any = provider.stream(prompt, max_output_tokens=max_output_tokens)
+    try:
+        async for event in stream:
+            if isinstance(event, Completion):
+                usage, finish = event.usage, event.finish_reason
+                continue
+            parts.append(event.text)
+            if on_text is not None:
+                await on_text(event.text)
+    except ModelError as exc:
+        usage = exc.usage
+        raise
+    finally:
+        with anyio.CancelScope(shield=True):
+            await stream.aclose()
+        if usage is None:
+            usage = Usage(input_tokens=prompt_tokens(prompt), output_tokens=count_tokens("".join(parts)))
+        on_usage(usage)
+    return "".join(parts), finish
+
+
+async def reduce_to_prompt(
+    summaries: list[str],
+    style: Style,
+    max_output_tokens: int,
+    room: int,
+    summarize: Callable[[Prompt, int], Awaitable[str]],
+    on_progress: Callable[[int, int], Awaitable[None]] | None = None,
+) -> Prompt:
+    """The prompt that combines `summaries` into the final summary. When they are too long for one
+    call (`room` tokens), they are summarized in groups first, as often as it takes."""
+    max_tokens = MAP_OUTPUT_TOKENS
+    while count_tokens("\n\n".join(summaries)) > room and len(summaries) > 1:
+        groups = group(summaries, room)
+        if len(groups) == len(summaries):
+            break  # every summary alone fills a call: combining cannot shrink them further
+        combined: list[str] = []
+        for done, members in enumerate(groups, start=1):
+            combined.append(await summarize(combine_prompt(members, Style.PARAGRAPH, max_tokens), max_tokens))
+            if on_progress is not None:
+                await on_progress(done, len(groups))
+        summaries = combined
+    return combine_prompt(summaries, style, max_output_tokens)
+
+
+def group(texts: list[str], room: int) -> list[list[str]]:
+    """Consecutive texts packed into groups of at most `room` tokens (a lone oversized text forms its
+    own group: the model call will truncate it, which beats looping forever)."""
+    groups: list[list[str]] = [[]]
+    used = 0
+    for text, tokens in zip(texts, [count_tokens(t) for t in texts], strict=True):
+        if groups[-1] and used + tokens > room:
+            groups.append([])
+            used = 0
+        groups[-1].append(text)
+        used += tokens
+    return groups
