@@ -5,11 +5,15 @@
   done event's usage, cost and per-stage latency; keep serving (or exit with --once).
 - summarize FILE: stream a summary of FILE from a running stack (`--url`, `--key`).
 - add-key: create an API key in a deployed stack's KeysTable (uses your AWS credentials).
+- invoke FUNCTION EVENT: invoke a function of template.yaml with an event file (what `sam local invoke`
+  does, without Docker): on the local stack, through moto's Lambda API, so it runs as a state machine
+  or the SQS poller would run it; prints the response payload and any function error.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -104,6 +108,35 @@ def _wait(stack: Any) -> None:
         stack.stop()
 
 
+def _invoke(template_path: Path, logical_id: str, event_path: Path) -> int:
+    """Start the local stack without its gateway, invoke one function with one event, print the answer."""
+    import boto3
+
+    from local.stack import REGION, LocalStack, Template
+
+    template = Template.read(template_path)
+    functions = sorted(template.resources("AWS::Serverless::Function"))
+    if logical_id not in functions:
+        print(f"{logical_id} is not a function of {template_path}: {', '.join(functions)}", file=sys.stderr)
+        return 2
+    payload = event_path.read_bytes()
+    stack = LocalStack(template=template, gateway=False).start()
+    try:
+        response = boto3.client("lambda", region_name=REGION).invoke(
+            FunctionName=stack.template.physical[logical_id], Payload=payload
+        )
+        body = response["Payload"].read().decode()
+    finally:
+        stack.stop()
+    with contextlib.suppress(ValueError):  # a payload that is not JSON is printed as it came
+        body = json.dumps(json.loads(body), indent=2)
+    sys.stdout.write(body + "\n")
+    if response.get("FunctionError"):
+        print(f"FunctionError: {response['FunctionError']}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m local", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -122,7 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     add_key.add_argument("--table", required=True, help="the KeysTableName output of the stack")
     add_key.add_argument("--user", required=True, help="the user id the key acts as")
     add_key.add_argument("--tier", default="free")
+    invoke = commands.add_parser("invoke", help="invoke a function with an event file (sam local invoke, no Docker)")
+    invoke.add_argument("function", help="the function's logical id in the template, e.g. PreprocessFunction")
+    invoke.add_argument("event", type=Path, help="a JSON event, e.g. events/preprocess-job.json")
+    invoke.add_argument("--template", type=Path, default=Path(__file__).resolve().parent.parent / "template.yaml")
     args = parser.parse_args(argv)
+    if args.command == "invoke":
+        return _invoke(args.template, args.function, args.event)
     if args.command == "add-key":
         import boto3
 

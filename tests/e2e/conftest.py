@@ -14,8 +14,10 @@ from local.stack import LocalStack
 
 #: Small limits so that "too large" is cheap to send; fast checkpoints and pings so tests are quick.
 OVERRIDES = {
-    "PRECIS_MAX_BODY_BYTES": "300000",
-    "PRECIS_MAX_INPUT_TOKENS": "30000",
+    "PRECIS_MAX_BODY_BYTES": "600000",
+    "PRECIS_MAX_INPUT_TOKENS": "100000",
+    "PRECIS_ASYNC_THRESHOLD_TOKENS": "20000",
+    "PRECIS_MAX_DOCUMENT_BYTES": "500000",
     "PRECIS_CHECKPOINT_INTERVAL_S": "0.1",
     "PRECIS_PING_INTERVAL_S": "0.3",
 }

@@ -23,8 +23,8 @@ CASES: list[tuple[str, dict[str, Any], int, str]] = [
     ("whitespace-only text", {"json": {"text": " \n\t "}}, 422, "invalid_input"),
     ("missing text", {"json": {"style": "tldr"}}, 422, "invalid_input"),
     ("body is not an object", {"json": [GOOD]}, 422, "invalid_input"),
-    ("body too large", {"content": b'{"text": "' + b"a" * 400_000 + b'"}', "headers": JSON}, 413, "input_too_large"),
-    ("document over the token limit", {"json": {"text": "word " * 31_000}}, 413, "input_too_large"),
+    ("body too large", {"content": b'{"text": "' + b"a" * 700_000 + b'"}', "headers": JSON}, 413, "input_too_large"),
+    ("document over the token limit", {"json": {"text": "word " * 110_000}}, 413, "input_too_large"),
     ("invalid JSON", {"content": b'{"text": "unterminated', "headers": JSON}, 400, "invalid_json"),
     ("invalid UTF-8", {"content": b'{"text": "caf\xe9 au lait"}', "headers": JSON}, 400, "invalid_encoding"),
     (

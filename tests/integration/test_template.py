@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -114,7 +115,10 @@ def test_api_key_reaches_the_app_when_the_url_requires_iam(template: dict[str, A
 
 
 def test_gateway_is_configured_from_the_template(template: dict[str, Any]) -> None:
-    env = _gateway(template)["Environment"]["Variables"]
+    env = {
+        **template["Globals"]["Function"]["Environment"]["Variables"],
+        **_gateway(template)["Environment"]["Variables"],
+    }
     assert env["PRECIS_KEYS_TABLE"] == {"Ref": "KeysTable"}
     assert env["PRECIS_REQUESTS_TABLE"] == {"Ref": "RequestsTable"}
     assert env["PRECIS_DEFAULT_MODEL"] == {"Ref": "DefaultModel"}
@@ -132,11 +136,14 @@ def test_functions_run_python313_on_arm64_with_tracing(template: dict[str, Any])
     assert function_globals["Runtime"] == "python3.13"
     assert function_globals["Architectures"] == ["arm64"]
     assert function_globals["Tracing"] == "Active"
-    assert function_globals["Environment"]["Variables"] == {
-        "POWERTOOLS_SERVICE_NAME": "precis",
-        "POWERTOOLS_METRICS_NAMESPACE": "Precis",
-        "POWERTOOLS_LOG_LEVEL": "INFO",
-    }
+    assert (
+        function_globals["Environment"]["Variables"].items()
+        >= {
+            "POWERTOOLS_SERVICE_NAME": "precis",
+            "POWERTOOLS_METRICS_NAMESPACE": "Precis",
+            "POWERTOOLS_LOG_LEVEL": "INFO",
+        }.items()
+    )
     for logical_id, function in _resources(template, "AWS::Serverless::Function").items():
         props = function["Properties"]
         assert props.get("Runtime", "python3.13") == "python3.13", logical_id
@@ -240,12 +247,11 @@ def test_no_iam_statement_grants_every_resource(template: dict[str, Any]) -> Non
             assert text.count(":") >= 5, f"not an ARN: {resource}"
 
 
-def test_gateway_reads_keys_and_writes_only_request_records(template: dict[str, Any]) -> None:
+def test_gateway_reads_keys_and_writes_only_request_and_job_records(template: dict[str, Any]) -> None:
     policies = _gateway(template)["Policies"]
     assert {"DynamoDBReadPolicy": {"TableName": {"Ref": "KeysTable"}}} in policies
-    assert {"DynamoDBCrudPolicy": {"TableName": {"Ref": "RequestsTable"}}} in policies
     crud_tables = [p["DynamoDBCrudPolicy"]["TableName"] for p in policies if "DynamoDBCrudPolicy" in p]
-    assert crud_tables == [{"Ref": "RequestsTable"}]
+    assert crud_tables == [{"Ref": "RequestsTable"}, {"Ref": "JobsTable"}]
 
 
 def test_bedrock_access_is_model_invocation_only(template: dict[str, Any]) -> None:
@@ -394,3 +400,69 @@ def test_sam_validate_lint_passes() -> None:
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert "is a valid SAM Template" in output, output
+
+
+# The asynchronous path ---------------------------------------------------------------------------
+
+
+def _definition() -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads(
+        re.sub(r"\$\{\w+\}", "1", (ROOT / "statemachine" / "summarize.asl.json").read_text())
+    )
+    return loaded
+
+
+def test_every_definition_substitution_is_defined_and_used(template: dict[str, Any]) -> None:
+    machine = template["Resources"]["SummarizeStateMachine"]["Properties"]
+    assert machine["DefinitionUri"] == "statemachine/summarize.asl.json" and machine["Type"] == "STANDARD"
+    used = set(re.findall(r"\$\{(\w+)\}", (ROOT / machine["DefinitionUri"]).read_text()))
+    assert used == set(machine["DefinitionSubstitutions"])
+    for name, value in machine["DefinitionSubstitutions"].items():
+        target = value.get("Fn::GetAtt", [value.get("Ref")])[0]
+        assert target in template["Resources"] or target in template["Parameters"], name
+
+
+def test_state_machine_reads_as_sentences_and_every_task_retries_and_catches() -> None:
+    definition = _definition()
+    states = definition["States"]
+    assert list(states) == [
+        "Split Into Chunks", "Summarize Each Chunk", "Combine The Summaries", "Postprocess And Store",
+        "Record The Failure", "Job Failed",
+    ]  # fmt: skip
+    inner = states["Summarize Each Chunk"]["ItemProcessor"]["States"]["Summarize One Chunk"]
+    for name, state in [*states.items(), ("Summarize One Chunk", inner)]:
+        if state["Type"] != "Task":
+            continue
+        assert state["Resource"] == "arn:aws:states:::lambda:invoke", name
+        [retry] = state["Retry"]
+        assert retry["JitterStrategy"] == "FULL" and retry["MaxDelaySeconds"] <= 60, name
+        if name != "Record The Failure":
+            assert "Lambda.ServiceException" in retry["ErrorEquals"], name
+        if name not in ("Record The Failure", "Summarize One Chunk"):
+            assert state["Catch"][0]["Next"] == "Record The Failure", name
+    assert "TransientModelError" in inner["Retry"][0]["ErrorEquals"]
+    assert states["Summarize Each Chunk"]["Catch"][0]["Next"] == "Record The Failure"
+
+
+def test_ingest_queue_follows_the_sqs_event_source_rules(template: dict[str, Any]) -> None:
+    queue = template["Resources"]["IngestQueue"]["Properties"]
+    starter = template["Resources"]["StarterFunction"]["Properties"]
+    assert queue["VisibilityTimeout"] >= 6 * starter["Timeout"]
+    assert queue["RedrivePolicy"] == {
+        "deadLetterTargetArn": {"Fn::GetAtt": ["IngestDeadLetterQueue", "Arn"]},
+        "maxReceiveCount": 5,
+    }
+    assert queue["SqsManagedSseEnabled"] is True
+    source = starter["Events"]["Ingest"]["Properties"]
+    assert source["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+    assert source["ScalingConfig"] == {"MaximumConcurrency": {"Ref": "IngestMaximumConcurrency"}}
+    assert template["Parameters"]["IngestMaximumConcurrency"]["MinValue"] == 2
+
+
+def test_documents_bucket_is_private_encrypted_and_notifies_the_queue_for_inbox_only(template: dict[str, Any]) -> None:
+    bucket = template["Resources"]["DocumentsBucket"]["Properties"]
+    assert all(bucket["PublicAccessBlockConfiguration"].values())
+    assert bucket["BucketEncryption"]["ServerSideEncryptionConfiguration"]
+    [notification] = bucket["NotificationConfiguration"]["QueueConfigurations"]
+    assert notification["Queue"] == {"Fn::GetAtt": ["IngestQueue", "Arn"]}
+    assert notification["Filter"]["S3Key"]["Rules"] == [{"Name": "prefix", "Value": "inbox/"}]

@@ -102,3 +102,23 @@ async def test_cancelling_the_consumer_stops_it_within_one_token() -> None:
 def test_bad_profile_options_are_rejected(options: dict[str, str]) -> None:
     with pytest.raises(InvalidInputError):
         LocalModel.from_options(options)
+
+
+async def test_fail_first_fails_the_first_attempts_of_a_prompt_then_succeeds() -> None:
+    model = LocalModel.from_options({"fail_first": "2", "ttft_ms": "1"})
+    prompt = summary_prompt(DOC + " Unique to this test.", Style.TLDR, 100)
+    for _ in range(2):
+        with pytest.raises(TransientModelError):
+            async for _event in model.stream(prompt, max_output_tokens=100):
+                pass
+    events = [e async for e in model.stream(prompt, max_output_tokens=100)]
+    assert isinstance(events[-1], Completion)
+
+
+async def test_fail_if_fails_only_prompts_that_contain_the_marker() -> None:
+    model = LocalModel.from_options({"fail_if": "POISON", "fail": "permanent"})
+    events = [e async for e in model.stream(summary_prompt(DOC, Style.TLDR, 100), max_output_tokens=100)]
+    assert isinstance(events[-1], Completion)
+    with pytest.raises(PermanentModelError):
+        async for _event in model.stream(summary_prompt(DOC + " POISON here.", Style.TLDR, 100), max_output_tokens=100):
+            pass

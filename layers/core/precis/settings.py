@@ -13,6 +13,17 @@ from precis.domain.models import Frozen
 class Settings(Frozen):
     keys_table: str = "precis-keys"
     requests_table: str = "precis-requests"
+    jobs_table: str = "precis-jobs"
+    idempotency_table: str = "precis-idempotency"
+    documents_bucket: str = "precis-documents"
+    ingest_queue_url: str = ""
+    state_machine_arn: str = ""
+    #: Documents above this many tokens sent to POST /v1/summarize become asynchronous jobs.
+    async_threshold_tokens: int = Field(default=50_000, gt=0)
+    #: Largest document object the asynchronous path reads from S3, in bytes.
+    max_document_bytes: int = Field(default=10_000_000, gt=0)
+    #: How often `GET /v1/jobs/{id}/events` reads the job record.
+    job_poll_s: float = Field(default=0.5, gt=0)
     default_model: str = "local"
     #: Largest document accepted, in cl100k_base tokens.
     max_input_tokens: int = Field(default=200_000, gt=0)

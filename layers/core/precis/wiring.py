@@ -5,8 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from precis.adapters.dynamodb import KeyStore, RequestStore
+from precis.adapters.jobs import JobStore
+from precis.adapters.s3 import DocumentStore
+from precis.adapters.stepfunctions import Executions
 from precis.api.app import Services
 from precis.domain.cancellation import CancelWatch
+from precis.domain.pipeline import JobIntake, JobPipeline
 from precis.domain.summarize import Summarizer
 from precis.observability import RequestTelemetry
 from precis.providers import ProviderFactory
@@ -40,4 +44,31 @@ def build_services(settings: Settings, dynamodb: Any | None = None) -> Services:
             map_concurrency=settings.map_concurrency,
             checkpoint_interval_s=settings.checkpoint_interval_s,
         ),
+    )
+
+
+def build_pipeline(settings: Settings) -> JobPipeline:
+    """The asynchronous path's stages, wired to S3, DynamoDB and the model providers."""
+    import boto3
+
+    return JobPipeline(
+        JobStore(dynamodb_resource().Table(settings.jobs_table)),
+        DocumentStore(boto3.client("s3"), settings.documents_bucket),
+        ProviderFactory(settings),
+        max_input_tokens=settings.max_input_tokens,
+        max_document_bytes=settings.max_document_bytes,
+        checkpoint_interval_s=settings.checkpoint_interval_s,
+    )
+
+
+def build_intake(settings: Settings) -> JobIntake:
+    import boto3
+
+    return JobIntake(
+        JobStore(dynamodb_resource().Table(settings.jobs_table)),
+        Executions(boto3.client("stepfunctions"), settings.state_machine_arn),
+        bucket=settings.documents_bucket,
+        default_model=settings.default_model,
+        default_max_output_tokens=settings.default_max_output_tokens,
+        max_document_bytes=settings.max_document_bytes,
     )

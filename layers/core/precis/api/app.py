@@ -14,7 +14,8 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from functools import partial
+from typing import Annotated, Any, Literal, TypeVar
 
 import anyio.to_thread
 from fastapi import FastAPI, Header, Request
@@ -23,6 +24,8 @@ from starlette.responses import JSONResponse, Response
 
 from precis.adapters.dynamodb import KeyStore, Principal, RequestRecord, RequestStore
 from precis.api import errors
+from precis.api import jobs as jobs_api
+from precis.api.jobs import JobDesk, accepted
 from precis.api.sse import EventStreamResponse
 from precis.domain.catalog import Catalog, ModelSpec
 from precis.domain.chunking import plan_chunks
@@ -45,6 +48,7 @@ from precis.observability import correlate, logger
 from precis.providers import ProviderFactory
 from precis.settings import Settings
 
+Body = TypeVar("Body", bound=BaseModel)
 _REQUEST_ID = re.compile(r"^req_[0-9a-f]{32}$")
 _API_VERSION = "2026-11-27"
 
@@ -70,6 +74,16 @@ class Services:
     catalog: Catalog = field(default_factory=Catalog.bundled)
     streams_in_flight: int = 0
     _key_cache: dict[str, tuple[float, Principal]] = field(default_factory=dict)
+
+    def resolve_model(self, name: str | None, max_output_tokens: int | None) -> tuple[ModelSpec, int]:
+        """The model a request asks for (or the default) and its output budget, checked."""
+        spec = self.catalog.resolve(name or self.settings.default_model)
+        self.providers.validate(spec)
+        limit = spec.info.max_output_tokens
+        max_output = max_output_tokens or min(self.settings.default_max_output_tokens, limit)
+        if max_output > limit:
+            raise InvalidInputError(f"max_output_tokens: at most {limit} for model {spec.info.id!r}")
+        return spec, max_output
 
     async def authenticate(self, authorization: str | None) -> Principal:
         scheme, _, api_key = (authorization or "").partition(" ")
@@ -122,17 +136,14 @@ class _UnsupportedMediaType(InvalidInputError):
     status = 415
 
 
-def _validate(body: Any) -> SummarizeRequest:
-    if not isinstance(body, dict):
+def validate_body(raw: Any, model: type[Body]) -> Body:
+    if not isinstance(raw, dict):
         raise InvalidInputError("the body must be a JSON object")
     try:
-        request = SummarizeRequest.model_validate(body)
+        return model.model_validate(raw)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
         raise InvalidInputError(problems) from exc
-    if not request.text.strip():
-        raise InvalidInputError("text: the document is empty")
-    return request
 
 
 def _wants_json(accept: str | None) -> bool:
@@ -192,6 +203,10 @@ def create_app(services: Services) -> FastAPI:
     )
     errors.install(app)
     app.state.services = services
+    desk = JobDesk(settings)
+
+    async def parse_body(request: Request, model: type[Body]) -> Body:
+        return validate_body(await read_json(request, settings.max_body_bytes), model)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -215,13 +230,11 @@ def create_app(services: Services) -> FastAPI:
     ) -> Response:
         principal = await services.authenticate(authorization)
         raw = await read_json(request, settings.max_body_bytes)
-        body = _validate(raw)
-        spec = services.catalog.resolve(body.model or settings.default_model)
-        services.providers.validate(spec)
+        body = validate_body(raw, SummarizeRequest)
+        if not body.text.strip():
+            raise InvalidInputError("text: the document is empty")
+        spec, max_output = services.resolve_model(body.model, body.max_output_tokens)
         info = spec.info
-        max_output = body.max_output_tokens or min(settings.default_max_output_tokens, info.max_output_tokens)
-        if max_output > info.max_output_tokens:
-            raise InvalidInputError(f"max_output_tokens: at most {info.max_output_tokens} for model {info.id!r}")
         limits = Limits(max_input_tokens=settings.max_input_tokens, max_output_tokens=info.max_output_tokens)
         mode: Literal["sse", "json"] = "json" if _wants_json(accept) else "sse"
 
@@ -232,6 +245,9 @@ def create_app(services: Services) -> FastAPI:
                 services.requests.claim_idempotency_key, principal.user_id, idempotency_key, fingerprint, request_id
             )
             if existing is not None:
+                handed_off = await anyio.to_thread.run_sync(desk.jobs.get, _job_id_for(existing))
+                if handed_off is not None and handed_off.owner == principal.user_id:
+                    return accepted(handed_off, handed_off=True)
                 record = await anyio.to_thread.run_sync(services.requests.replayable, existing, principal.user_id)
                 replay = _replay_events(record, principal.tier, limits)
 
@@ -248,6 +264,19 @@ def create_app(services: Services) -> FastAPI:
 
         try:
             task = await _prepare(services, principal, body, spec, max_output, limits, request_id)
+            if task.document_tokens > settings.async_threshold_tokens:
+                # Minutes of map-reduce do not belong in one streaming Lambda: hand over to the job
+                # path (its id derived from the request's, so an Idempotency-Key retry finds it).
+                job = await anyio.to_thread.run_sync(
+                    partial(desk.submit, job_id=_job_id_for(request_id)),
+                    principal.user_id,
+                    body.text,
+                    None,
+                    spec.name,
+                    body.style,
+                    max_output,
+                )
+                return accepted(job, handed_off=True)
             await anyio.to_thread.run_sync(
                 services.requests.create,
                 request_id,
@@ -275,6 +304,8 @@ def create_app(services: Services) -> FastAPI:
             run, mode=mode, ping_interval_s=settings.ping_interval_s, headers={"x-request-id": request_id}
         )
 
+    jobs_api.install(app, services, desk, parse_body)
+
     @app.get("/v1/requests/{request_id}")
     async def get_request(request_id: str, authorization: Annotated[str | None, Header()] = None) -> dict[str, Any]:
         principal = await services.authenticate(authorization)
@@ -293,6 +324,10 @@ def create_app(services: Services) -> FastAPI:
         return JSONResponse({"request_id": request_id, "status": record.status}, status_code=200)
 
     return app
+
+
+def _job_id_for(request_id: str) -> str:
+    return "job_" + request_id.removeprefix("req_")
 
 
 async def _find(services: Services, request_id: str, principal: Principal) -> RequestRecord:

@@ -42,6 +42,7 @@ async def call_model(
     cancellation): the provider's report when there is one, else the prompt and the text received,
     counted with cl100k_base."""
     parts: list[str] = []
+    counted: int | None = 0  # output tokens as the provider counted its deltas, while it does
     usage: Usage | None = None
     finish = FinishReason.STOP
     stream: Any = provider.stream(prompt, max_output_tokens=max_output_tokens)
@@ -51,6 +52,7 @@ async def call_model(
                 usage, finish = event.usage, event.finish_reason
                 continue
             parts.append(event.text)
+            counted = None if counted is None or event.tokens is None else counted + event.tokens
             if on_text is not None:
                 await on_text(event.text)
     except ModelError as exc:
@@ -60,7 +62,8 @@ async def call_model(
         with anyio.CancelScope(shield=True):
             await stream.aclose()
         if usage is None:
-            usage = Usage(input_tokens=prompt_tokens(prompt), output_tokens=count_tokens("".join(parts)))
+            output = counted if counted is not None else count_tokens("".join(parts))
+            usage = Usage(input_tokens=prompt_tokens(prompt), output_tokens=output)
         on_usage(usage)
     return "".join(parts), finish
 

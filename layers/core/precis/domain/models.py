@@ -103,9 +103,11 @@ class Prompt(Frozen):
 
 
 class Delta(Frozen):
-    """A piece of generated text, usually one token."""
+    """A piece of generated text, usually one token. `tokens` is how many tokens it is, when the
+    provider knows: it makes the usage of a call cut short exact instead of estimated."""
 
     text: str
+    tokens: int | None = None
 
 
 class Completion(Frozen):

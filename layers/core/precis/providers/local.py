@@ -9,6 +9,7 @@ token_ms=20&fail_after=40&fail=transient`) makes it behave like a remote model f
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import re
 import time
@@ -127,10 +128,20 @@ _FAILURES = {"transient": TransientModelError, "permanent": PermanentModelError,
 
 
 class LocalProfile(Frozen):
+    """How the local model pretends to be remote. Failures happen after `fail_after` tokens (0 when
+    only `fail_first` or `fail_if` is given), only for prompts whose document contains `fail_if`,
+    and only on the first `fail_first` attempts of the same prompt in this process."""
+
     ttft_ms: float = Field(default=0, ge=0, le=120_000)
     token_ms: float = Field(default=0, ge=0, le=10_000)
     fail_after: int | None = Field(default=None, ge=0)
     fail: Literal["transient", "permanent", "throttle"] = "transient"
+    fail_first: int | None = Field(default=None, ge=1)
+    fail_if: str | None = Field(default=None, min_length=1, max_length=200)
+
+
+#: Attempts per (profile, prompt) in this process, for `fail_first`.
+_ATTEMPTS: Counter[str] = Counter()
 
 
 def extract(document: str, style: Style, max_output_tokens: int) -> str:
@@ -189,8 +200,22 @@ class LocalModel:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
             raise InvalidInputError(f"bad local model options: {problems}") from exc
 
+    def _fails_at(self, prompt: Prompt) -> int | None:
+        profile = self.profile
+        if profile.fail_after is None and profile.fail_first is None and profile.fail_if is None:
+            return None
+        if profile.fail_if is not None and profile.fail_if not in prompt.document:
+            return None
+        if profile.fail_first is not None:
+            attempt = hashlib.sha256(f"{profile.model_dump_json()}\n{prompt.user_message()}".encode()).hexdigest()
+            _ATTEMPTS[attempt] += 1
+            if _ATTEMPTS[attempt] > profile.fail_first:
+                return None
+        return profile.fail_after or 0
+
     async def stream(self, prompt: Prompt, *, max_output_tokens: int) -> AsyncIterator[ModelEvent]:
         profile = self.profile
+        fail_at = self._fails_at(prompt)
         input_tokens, pieces = _answer(prompt, max_output_tokens)
         finish: Literal[FinishReason.STOP, FinishReason.LENGTH] = FinishReason.STOP
         if len(pieces) > max_output_tokens:
@@ -198,15 +223,15 @@ class LocalModel:
         # Emit on a schedule from the start, so per-token sleeps do not drift.
         start = time.monotonic()
         for index, piece in enumerate(pieces):
-            if index == profile.fail_after:
+            if index == fail_at:
                 raise _FAILURES[profile.fail](
-                    f"local model failed after {index} tokens (profile fail_after={index})",
+                    f"local model failed after {index} tokens (its failure profile)",
                     usage=Usage(input_tokens=input_tokens, output_tokens=index),
                 )
             due = start + (profile.ttft_ms + index * profile.token_ms) / 1000
             await asyncio.sleep(max(0.0, due - time.monotonic()))
-            yield Delta(text=piece)
-        if profile.fail_after is not None and profile.fail_after == len(pieces):
+            yield Delta(text=piece, tokens=1)
+        if fail_at is not None and fail_at == len(pieces):
             raise _FAILURES[profile.fail](
                 f"local model failed after {len(pieces)} tokens",
                 usage=Usage(input_tokens=input_tokens, output_tokens=len(pieces)),

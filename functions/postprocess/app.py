@@ -1,0 +1,24 @@
+"""Postprocess And Store: the summary as JSON and Markdown under summaries/; the job charged once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from precis.domain.models import Frozen
+from precis.observability import logger
+from precis.settings import Settings
+from precis.wiring import build_pipeline
+
+pipeline = build_pipeline(Settings.from_env())
+
+
+class JobTask(Frozen):
+    job_id: str
+
+
+@logger.inject_lambda_context(correlation_id_path="job_id")
+def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    task = JobTask.model_validate(event)
+    return {"summary_key": pipeline.finish(task.job_id)}

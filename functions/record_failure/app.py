@@ -1,0 +1,27 @@
+"""Record The Failure: the job failed with a structured error; the chunk summaries stay in S3."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from precis.domain.models import Frozen
+from precis.observability import logger
+from precis.settings import Settings
+from precis.wiring import build_pipeline
+
+pipeline = build_pipeline(Settings.from_env())
+
+
+class FailedJob(Frozen):
+    job_id: str
+    error: dict[str, Any]
+
+
+@logger.inject_lambda_context(correlation_id_path="job_id")
+def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    failed = FailedJob.model_validate(event)
+    logger.warning("job failed", extra={"error": failed.error.get("Error")})
+    pipeline.record_failure(failed.job_id, failed.error)
+    return {"job_id": failed.job_id}
