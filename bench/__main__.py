@@ -1,12 +1,12 @@
-"""`python -m bench [streaming]`: run the benchmarks and print their tables (Markdown)."""
+"""`python -m bench [streaming] [pipeline]`: run the benchmarks and print their tables (Markdown)."""
 
 from __future__ import annotations
 
 import argparse
 
-from bench import streaming
+from bench import pipeline, streaming
 
-SUITES = {"streaming": streaming.run}
+SUITES = {"streaming": streaming.run, "pipeline": pipeline.run}
 
 
 def main() -> None:

@@ -4,6 +4,7 @@
 - run: serve, then summarize the bundled sample document live, printing tokens as they arrive and the
   done event's usage, cost and per-stage latency; keep serving (or exit with --once).
 - summarize FILE: stream a summary of FILE from a running stack (`--url`, `--key`).
+- drop FILE: put FILE under inbox/<user>/ of a running stack's bucket and watch its job's events.
 - add-key: create an API key in a deployed stack's KeysTable (uses your AWS credentials).
 - invoke FUNCTION EVENT: invoke a function of template.yaml with an event file (what `sam local invoke`
   does, without Docker): on the local stack, through moto's Lambda API, so it runs as a state machine
@@ -29,6 +30,8 @@ from rich.console import Console
 from rich.table import Table
 
 SAMPLE = Path(__file__).resolve().parent / "samples" / "lighthouses.txt"
+#: Where a serving stack says how to reach it, for the commands that talk to it (drop).
+STATE = Path(__file__).resolve().parent.parent / ".local" / "stack.json"
 #: The demo's model: the local summarizer, slowed to a remote model's pace so streaming is visible.
 DEMO_MODEL = "local?ttft_ms=400&token_ms=25"
 
@@ -41,7 +44,6 @@ def stream_summary(url: str, api_key: str, text: str, model: str | None, style: 
     if model:
         body["model"] = model
     headers = {"authorization": f"Bearer {api_key}", "accept": "text/event-stream"}
-    done: dict[str, Any] = {}
     with (
         httpx.Client(timeout=httpx.Timeout(10.0, read=120.0)) as client,
         connect_sse(client, "POST", f"{url}/v1/summarize", json=body, headers=headers) as source,
@@ -50,21 +52,27 @@ def stream_summary(url: str, api_key: str, text: str, model: str | None, style: 
             source.response.read()
             console.print(f"[red]{source.response.status_code}[/red] {source.response.text}")
             raise SystemExit(1)
-        for sse in source.iter_sse():
-            data = json.loads(sse.data)
-            if sse.event == "meta":
-                console.print(
-                    f"[dim]request {data['request_id']} · model {data['model']} · "
-                    f"{data['input_tokens']} input tokens · {data['chunks']} chunk(s)[/dim]\n"
-                )
-            elif sse.event == "progress":
-                console.print(f"[dim]{data['stage']} {data['done']}/{data['total']}[/dim]")
-            elif sse.event == "token":
-                console.print(data["text"], end="", soft_wrap=True)
-            elif sse.event == "error":
-                console.print(f"\n[red]error[/red] {data['code']}: {data['message']}")
-            elif sse.event == "done":
-                done = data
+        return _print_events(source)
+
+
+def _print_events(source: Any) -> dict[str, Any]:
+    """Print an event stream of the streaming contract as it arrives; return its done event."""
+    done: dict[str, Any] = {}
+    for sse in source.iter_sse():
+        data = json.loads(sse.data)
+        if sse.event == "meta":
+            console.print(
+                f"[dim]{data['request_id']} · model {data['model']} · "
+                f"{data['input_tokens']} input tokens · {data['chunks']} chunk(s)[/dim]\n"
+            )
+        elif sse.event == "progress":
+            console.print(f"[dim]{data['stage']} {data['done']}/{data['total']}[/dim]")
+        elif sse.event == "token":
+            console.print(data["text"], end="", soft_wrap=True)
+        elif sse.event == "error":
+            console.print(f"\n[red]error[/red] {data['code']}: {data['message']}")
+        elif sse.event == "done":
+            done = data
     console.print()
     _print_done(done)
     return done
@@ -91,7 +99,19 @@ def _serve(args: argparse.Namespace) -> Any:
     console.print(f"dev API key: [green]{stack.api_key}[/green]")
     console.print(
         "try: [dim]curl -N " + stack.url + "/v1/summarize -H 'Authorization: Bearer " + stack.api_key + "' "
-        '-H \'Content-Type: application/json\' -d \'{"text": "...your document...", "style": "bullets"}\'[/dim]\n'
+        '-H \'Content-Type: application/json\' -d \'{"text": "...your document...", "style": "bullets"}\'[/dim]\n',
+        soft_wrap=True,
+    )
+    STATE.parent.mkdir(exist_ok=True)
+    STATE.write_text(
+        json.dumps(
+            {
+                "url": stack.url,
+                "api_key": stack.api_key,
+                "moto_endpoint": stack.moto_endpoint,
+                "bucket": stack.template.physical["DocumentsBucket"],
+            }
+        )
     )
     return stack
 
@@ -105,7 +125,51 @@ def _wait(stack: Any) -> None:
     except KeyboardInterrupt:
         pass
     finally:
+        STATE.unlink(missing_ok=True)
         stack.stop()
+
+
+def _drop(path: Path, user: str, watch: bool) -> int:
+    """Drop a file into the running stack's inbox, say where its summary will land, watch its job."""
+    import re
+
+    import boto3
+
+    from precis.domain.jobs import job_id_for_object, summary_keys
+
+    if not STATE.exists():
+        console.print("[red]no local stack is running[/red]: start one with `make serve` (or `make run`)")
+        return 2
+    state = json.loads(STATE.read_text())
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=state["moto_endpoint"],
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    name = re.sub(r"[^\w.,=+@()-]+", "-", path.name)
+    key = f"inbox/{user}/{name}"
+    etag = s3.put_object(Bucket=state["bucket"], Key=key, Body=path.read_bytes())["ETag"]
+    job_id = job_id_for_object(state["bucket"], key, etag)
+    summary, markdown = summary_keys(job_id, key)
+    console.print(f"dropped [cyan]s3://{state['bucket']}/{key}[/cyan] -> job [green]{job_id}[/green]", soft_wrap=True)
+    console.print(f"its summary will appear at s3://{state['bucket']}/{summary} (and {markdown})", soft_wrap=True)
+    console.print(
+        f"[dim]curl -N {state['url']}/v1/jobs/{job_id}/events -H 'Authorization: Bearer {state['api_key']}'[/dim]\n",
+        soft_wrap=True,
+    )
+    if not watch:
+        return 0
+    headers = {"authorization": f"Bearer {state['api_key']}"}
+    with httpx.Client(base_url=state["url"], headers=headers, timeout=httpx.Timeout(10.0, read=600.0)) as client:
+        for _ in range(120):  # the starter creates the job once the S3 event has come through SQS
+            if client.get(f"/v1/jobs/{job_id}").status_code == 200:
+                break
+            threading.Event().wait(0.25)
+        with connect_sse(client, "GET", f"/v1/jobs/{job_id}/events") as source:
+            done = _print_events(source)
+    return 0 if done.get("finish_reason") in ("stop", "length") else 1
 
 
 def _invoke(template_path: Path, logical_id: str, event_path: Path) -> int:
@@ -155,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     add_key.add_argument("--table", required=True, help="the KeysTableName output of the stack")
     add_key.add_argument("--user", required=True, help="the user id the key acts as")
     add_key.add_argument("--tier", default="free")
+    drop = commands.add_parser("drop", help="drop FILE into a running stack's inbox and watch its job")
+    drop.add_argument("file", type=Path)
+    drop.add_argument("--user", default="dev", help="the inbox folder, inbox/<user>/: the user who owns the job")
+    drop.add_argument("--no-watch", dest="watch", action="store_false", help="do not stream the job's events")
     invoke = commands.add_parser("invoke", help="invoke a function with an event file (sam local invoke, no Docker)")
     invoke.add_argument("function", help="the function's logical id in the template, e.g. PreprocessFunction")
     invoke.add_argument("event", type=Path, help="a JSON event, e.g. events/preprocess-job.json")
@@ -162,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "invoke":
         return _invoke(args.template, args.function, args.event)
+    if args.command == "drop":
+        return _drop(args.file, args.user, args.watch)
     if args.command == "add-key":
         import boto3
 

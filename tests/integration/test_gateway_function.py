@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from types import ModuleType
@@ -12,6 +11,7 @@ from typing import Any
 import pytest
 
 from precis.adapters.dynamodb import KeyStore
+from tests.support.functions import load_function
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -19,11 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def load_gateway(monkeypatch: pytest.MonkeyPatch, tables: dict[str, Any]) -> ModuleType:
     monkeypatch.setenv("PRECIS_KEYS_TABLE", tables["KeysTable"].name)
     monkeypatch.setenv("PRECIS_REQUESTS_TABLE", tables["RequestsTable"].name)
-    spec = importlib.util.spec_from_file_location("gateway_app", ROOT / "functions" / "gateway" / "app.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_function("gateway")
 
 
 def event(name: str) -> dict[str, Any]:

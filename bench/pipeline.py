@@ -1,0 +1,304 @@
+"""The asynchronous pipeline on the local stack: where a long document's time goes, in one run.
+
+1. A ~100k-token document (CPython's own documentation topics, `pydoc_data.topics`, joined in sorted
+   order: real prose, deterministic, shipped with every Python) is dropped into the inbox of a local
+   stack with the zero-latency `local` model. Wall time from the S3 put to the job's `succeeded`, and
+   the wall time of each state of the execution, read off its Step Functions history.
+2. Chunking throughput: `plan_chunks` on the same document in this process, with the chunk size
+   `chunk_budget` gives the `local` model, after the tokenizer is warm.
+3. The Map's speed-up: the same document through `POST /v1/jobs` with a model that takes time per
+   token (`local?token_ms=20`), on a stack whose state machine has MaxConcurrency 1, then on one with 8.
+
+Each part runs on a fresh stack (moto + the functions in one process, the gateway in this one), so
+no run finds another's summaries in the local model's cache.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+#: Zero latency: the pipeline's own cost. The S3-drop path always uses the default model.
+DROP_MODEL = "local"
+#: A model that takes time per output token, so that the Map's concurrency shows.
+SLOW_MODEL = "local?token_ms=20"
+TARGET_TOKENS = 100_000
+CHUNKING_RUNS = 5
+MAP_CONCURRENCY = (1, 8)
+#: Every stack's functions log at WARNING (template.yaml gives them INFO, applied over the inherited
+#: environment, so the override has to travel with the stack's own).
+QUIET = {"POWERTOOLS_LOG_LEVEL": "WARNING", "POWERTOOLS_METRICS_DISABLED": "true"}
+TOP_STATES = ("Split Into Chunks", "Summarize Each Chunk", "Combine The Summaries", "Postprocess And Store")
+TIMEOUT_S = 300.0
+
+
+def document() -> str:
+    """CPython's documentation topics, in sorted order, until cl100k_base counts >= TARGET_TOKENS."""
+    from pydoc_data.topics import topics
+
+    from precis.domain.tokens import count_tokens
+
+    parts: list[str] = []
+    estimate = 0
+    names = iter(sorted(topics))
+    # Per-part counts first (cheap), then the exact count of the joined text decides.
+    while estimate < TARGET_TOKENS:
+        parts.append(topics[next(names)])
+        estimate += count_tokens(parts[-1]) + 1
+    text = "\n\n".join(parts)
+    while count_tokens(text) < TARGET_TOKENS:
+        text += "\n\n" + topics[next(names)]
+    return text
+
+
+@dataclass
+class JobRun:
+    """One job through the state machine, its times in seconds from the moment it was submitted."""
+
+    submitted: float  # epoch seconds, just before the S3 put or the POST
+    job: dict[str, Any]
+    events: list[dict[str, Any]]
+    #: State name -> (first entered, last exited), epoch seconds.
+    states: dict[str, tuple[float, float]] = field(default_factory=dict)
+    #: Map iteration index -> its wall time.
+    iterations: dict[int, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        entered: dict[str, float] = {}
+        exited: dict[str, float] = {}
+        started: dict[int, float] = {}
+        for event in self.events:
+            stamp = _epoch(event["timestamp"])
+            if "stateEnteredEventDetails" in event:
+                entered.setdefault(event["stateEnteredEventDetails"]["name"], stamp)
+            elif "stateExitedEventDetails" in event:
+                exited[event["stateExitedEventDetails"]["name"]] = stamp
+            elif event["type"] == "MapIterationStarted":
+                started[event["mapIterationStartedEventDetails"]["index"]] = stamp
+            elif event["type"] == "MapIterationSucceeded":
+                index = event["mapIterationSucceededEventDetails"]["index"]
+                self.iterations[index] = stamp - started[index]
+        self.states = {name: (entered[name], exited[name]) for name in entered if name in exited}
+
+    @property
+    def chunks(self) -> int:
+        chunks: int = self.job["chunks_total"]
+        return chunks
+
+    def state_s(self, name: str) -> float:
+        start, end = self.states[name]
+        return end - start
+
+    def execution_started_s(self) -> float:
+        [started] = [e for e in self.events if e["type"] == "ExecutionStarted"]
+        return _epoch(started["timestamp"]) - self.submitted
+
+    def job_created_s(self) -> float:
+        created: float = self.job["created_at"]
+        return created - self.submitted
+
+    def succeeded_s(self) -> float:
+        """The job record's last write is the one that marks it succeeded (Postprocess And Store)."""
+        updated: float = self.job["updated_at"]
+        return updated - self.submitted
+
+
+def _epoch(value: datetime | float) -> float:
+    return value.timestamp() if isinstance(value, datetime) else float(value)
+
+
+def _wait_for_job(client: Any, job_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline:
+        response = client.get(f"/v1/jobs/{job_id}")
+        if response.status_code == 200:
+            job: dict[str, Any] = response.json()
+            if job["status"] in ("succeeded", "failed", "cancelled"):
+                if job["status"] != "succeeded":
+                    raise RuntimeError(f"job {job_id} ended {job['status']}: {job.get('error')}")
+                return job
+        time.sleep(0.05)
+    raise TimeoutError(f"job {job_id} did not finish in {TIMEOUT_S:.0f} s")
+
+
+def _history(stack: Any, job_id: str) -> list[dict[str, Any]]:
+    import boto3
+
+    machine = stack.template.attributes["SummarizeStateMachine"]["Ref"]
+    arn = f"{machine.replace(':stateMachine:', ':execution:')}:{job_id}"
+    sfn = boto3.client("stepfunctions")
+    events: list[dict[str, Any]] = []
+    kwargs: dict[str, Any] = {"executionArn": arn, "maxResults": 1000}
+    while True:
+        page = sfn.get_execution_history(**kwargs)
+        events += page["events"]
+        if not page.get("nextToken"):
+            return events
+        kwargs["nextToken"] = page["nextToken"]
+
+
+def _on_stack(template_overrides: dict[str, str], submit: Callable[[Any, Any], tuple[float, str]]) -> JobRun:
+    """Start a stack, submit one job with `submit(stack, client) -> (submitted, job_id)`, await it."""
+    import httpx
+
+    from local.stack import LocalStack, Template
+
+    template = Template.read(overrides=template_overrides)
+    with (
+        LocalStack(port=0, template=template, overrides=dict(QUIET)) as stack,
+        httpx.Client(base_url=stack.url, headers={"authorization": f"Bearer {stack.api_key}"}, timeout=60) as client,
+    ):
+        submitted, job_id = submit(stack, client)
+        job = _wait_for_job(client, job_id)
+        return JobRun(submitted=submitted, job=job, events=_history(stack, job_id))
+
+
+def dropped(text: str) -> JobRun:
+    """The document put under inbox/dev/ on a stack with the template's defaults."""
+    import boto3
+
+    from precis.domain.jobs import job_id_for_object
+
+    def submit(stack: Any, _client: Any) -> tuple[float, str]:
+        s3 = boto3.client("s3")
+        bucket, key = stack.template.physical["DocumentsBucket"], "inbox/dev/python-topics.txt"
+        submitted = time.time()
+        etag = s3.put_object(Bucket=bucket, Key=key, Body=text.encode())["ETag"]
+        return submitted, job_id_for_object(bucket, key, etag)
+
+    return _on_stack({}, submit)
+
+
+def posted(text: str, concurrency: int) -> JobRun:
+    """The document sent to POST /v1/jobs with SLOW_MODEL, the Map at MaxConcurrency `concurrency`."""
+
+    def submit(_stack: Any, client: Any) -> tuple[float, str]:
+        submitted = time.time()
+        response = client.post("/v1/jobs", json={"text": text, "model": SLOW_MODEL})
+        response.raise_for_status()
+        return submitted, str(response.json()["job_id"])
+
+    return _on_stack({"MapMaxConcurrency": str(concurrency)}, submit)
+
+
+def chunking_throughput(text: str) -> tuple[float, float, int, int, int]:
+    """Median MB/s of plan_chunks and of count_tokens alone on `text`; chunk size, overlap, chunks."""
+    from precis.domain.catalog import Catalog
+    from precis.domain.chunking import plan_chunks
+    from precis.domain.inference import chunk_budget
+    from precis.domain.models import Document, Style
+    from precis.domain.tokens import count_tokens
+    from precis.settings import Settings
+
+    info = Catalog.bundled().resolve(DROP_MODEL).info
+    chunk_tokens, overlap = chunk_budget(info, Style.PARAGRAPH, Settings().default_max_output_tokens)
+    megabytes = len(text.encode()) / 1e6
+    count_tokens(text)  # warm: the tokenizer's load and first pass are not chunking
+    plan_chunks(Document(text=text), chunk_tokens, overlap)
+    plan_s, count_s = [], []
+    chunks = 0
+    for _ in range(CHUNKING_RUNS):
+        started = time.perf_counter()
+        chunks = len(plan_chunks(Document(text=text), chunk_tokens, overlap).chunks)
+        plan_s.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        count_tokens(text)
+        count_s.append(time.perf_counter() - started)
+    return megabytes / statistics.median(plan_s), megabytes / statistics.median(count_s), chunk_tokens, overlap, chunks
+
+
+def ideal_map_s(iterations: dict[int, float], slots: int) -> float:
+    """The Map's wall time if `slots` iterations ran at once at the durations measured one at a time:
+    items start in index order, each as soon as a slot is free (what MaxConcurrency does)."""
+    free = [0.0] * slots
+    end = 0.0
+    for index in sorted(iterations):
+        start = heapq.heappop(free)
+        end = max(end, start + iterations[index])
+        heapq.heappush(free, start + iterations[index])
+    return end
+
+
+def run() -> str:
+    # Before precis.observability is imported (by the gateway): its Logger reads them once.
+    os.environ.update(QUIET)
+    from precis.domain.tokens import count_tokens
+
+    began = time.perf_counter()
+    text = document()
+    tokens = count_tokens(text)
+    size_mb = len(text.encode()) / 1e6
+
+    drop = dropped(text)
+    plan_mbs, count_mbs, chunk_tokens, overlap, planned = chunking_throughput(text)
+    slow = {concurrency: posted(text, concurrency) for concurrency in MAP_CONCURRENCY}
+    elapsed = time.perf_counter() - began
+
+    usage = drop.job["usage"]
+    lines = [
+        f"Document: CPython's `pydoc_data.topics` joined in sorted order, {tokens:,} cl100k_base tokens, "
+        f"{size_mb:.2f} MB; dropped under `inbox/dev/` with model `{DROP_MODEL}` (zero latency); "
+        f"{drop.chunks} chunks of <= {chunk_tokens:,} tokens; the job's model calls used "
+        f"{usage['input_tokens']:,} input and {usage['output_tokens']:,} output tokens.",
+        "",
+        "| S3 drop, model `local` | wall time (s) | from the put (s) |",
+        "|---|---:|---:|",
+        f"| S3 put -> job record created (SQS -> starter) | {drop.job_created_s():.2f} | {drop.job_created_s():.2f} |",
+        f"| S3 put -> ExecutionStarted | {drop.execution_started_s():.2f} | {drop.execution_started_s():.2f} |",
+    ]
+    for name in TOP_STATES:
+        start, end = drop.states[name]
+        lines.append(f"| {name} | {drop.state_s(name):.2f} | {end - drop.submitted:.2f} |")
+    lines += [
+        f"| **S3 put -> job `succeeded`** | **{drop.succeeded_s():.2f}** | {drop.succeeded_s():.2f} |",
+        "",
+        f"Chunking in-process: `plan_chunks` with `chunk_budget` for `{DROP_MODEL}` ({chunk_tokens:,}-token chunks, "
+        f"{overlap}-token overlap) on the same {size_mb:.2f} MB document -> {planned} chunks; median of "
+        f"{CHUNKING_RUNS} runs after a warm-up.",
+        "",
+        "| chunking | MB/s |",
+        "|---|---:|",
+        f"| `plan_chunks` (count, sentence split, per-sentence counts, packing) | {plan_mbs:.2f} |",
+        f"| of which `count_tokens` on the whole text alone | {count_mbs:.2f} |",
+    ]
+    one, many = (slow[c] for c in MAP_CONCURRENCY)
+    chunk_times = list(one.iterations.values())
+    slow_usage = one.job["usage"]
+    lines += [
+        "",
+        f"The Map's speed-up: the same document through `POST /v1/jobs` with model `{SLOW_MODEL}` "
+        f"({one.chunks} chunks; the job's calls used {slow_usage['input_tokens']:,} input and "
+        f"{slow_usage['output_tokens']:,} output tokens), on a fresh stack per MaxConcurrency.",
+        "",
+        "| MaxConcurrency | Summarize Each Chunk (s) | one chunk p50 / max (s) | Combine The Summaries (s) "
+        "| POST -> ExecutionStarted (s) | POST -> `succeeded` (s) |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for concurrency, job in slow.items():
+        per_chunk = list(job.iterations.values())
+        lines.append(
+            f"| {concurrency} | {job.state_s('Summarize Each Chunk'):.2f} "
+            f"| {statistics.median(per_chunk):.2f} / {max(per_chunk):.2f} "
+            f"| {job.state_s('Combine The Summaries'):.2f} | {job.execution_started_s():.2f} "
+            f"| {job.succeeded_s():.2f} |"
+        )
+    top = MAP_CONCURRENCY[-1]
+    measured = one.state_s("Summarize Each Chunk") / many.state_s("Summarize Each Chunk")
+    ideal = sum(chunk_times) / ideal_map_s(one.iterations, top)
+    lines += [
+        "",
+        "| Map speed-up | ratio |",
+        "|---|---:|",
+        f"| measured: Summarize Each Chunk at 1 / at {top} | **{measured:.2f}x** |",
+        f"| ideal for these {len(chunk_times)} chunk durations with {top} in flight | {ideal:.2f}x |",
+        f"| end to end: POST -> `succeeded` at 1 / at {top} | {one.succeeded_s() / many.succeeded_s():.2f}x |",
+        "",
+        f"Whole suite: {elapsed:.0f} s (three local stacks started and stopped).",
+    ]
+    return "\n".join(lines)
