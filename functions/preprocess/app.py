@@ -6,16 +6,12 @@ from typing import Any
 
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from precis.domain.models import Frozen
+from precis.domain.jobs import JobTask
 from precis.observability import logger
 from precis.settings import Settings
 from precis.wiring import build_pipeline
 
 pipeline = build_pipeline(Settings.from_env())
-
-
-class JobTask(Frozen):
-    job_id: str
 
 
 @logger.inject_lambda_context(correlation_id_path="job_id")

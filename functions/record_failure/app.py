@@ -6,7 +6,7 @@ from typing import Any
 
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from precis.domain.models import Frozen
+from precis.domain.jobs import FailedJobTask
 from precis.observability import logger
 from precis.settings import Settings
 from precis.wiring import build_pipeline
@@ -14,14 +14,9 @@ from precis.wiring import build_pipeline
 pipeline = build_pipeline(Settings.from_env())
 
 
-class FailedJob(Frozen):
-    job_id: str
-    error: dict[str, Any]
-
-
 @logger.inject_lambda_context(correlation_id_path="job_id")
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    failed = FailedJob.model_validate(event)
+    failed = FailedJobTask.model_validate(event)
     logger.warning("job failed", extra={"error": failed.error.get("Error")})
     pipeline.record_failure(failed.job_id, failed.error)
     return {"job_id": failed.job_id}

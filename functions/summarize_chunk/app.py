@@ -15,7 +15,7 @@ from aws_lambda_powertools.utilities.idempotency import (
 )
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from precis.domain.models import Frozen
+from precis.domain.jobs import ChunkTask
 from precis.observability import logger
 from precis.settings import Settings
 from precis.wiring import build_pipeline
@@ -24,11 +24,6 @@ settings = Settings.from_env()
 pipeline = build_pipeline(settings)
 persistence = DynamoDBPersistenceLayer(table_name=settings.idempotency_table)
 config = IdempotencyConfig(event_key_jmespath="[job_id, index]", expires_after_seconds=7 * 86_400)
-
-
-class ChunkTask(Frozen):
-    job_id: str
-    index: int
 
 
 @logger.inject_lambda_context(correlation_id_path="job_id")

@@ -7,7 +7,6 @@ import json
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from httpx_sse import connect_sse
 from local.stack import LocalStack
 from precis.domain.jobs import chunk_key, chunk_summary_key, job_id_for_object
 from precis.domain.prompts import chunk_prompt, prompt_tokens
+from tests.support.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 LONG = (ROOT / "tests" / "data" / "python-language-reference.txt").read_text()
@@ -36,16 +36,6 @@ def aws(stack: LocalStack) -> dict[str, Any]:
         "queue": stack.template.attributes["IngestQueue"]["Ref"],
         "dlq": stack.template.attributes["IngestDeadLetterQueue"]["Ref"],
     }
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, every: float = 0.25) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("condition not met in time")
 
 
 def finished(client: httpx.Client, job_id: str, timeout: float = 60.0) -> dict[str, Any]:
@@ -191,7 +181,7 @@ def test_poison_message_lands_in_the_dead_letter_queue_after_5_receives(aws: dic
         )
         return [m for m in received.get("Messages", []) if m["Body"] == '{"not": "a job"}']
 
-    [message] = wait_for(dead, timeout=45, every=0)
+    [message] = wait_for(dead, timeout=45, interval=0)
     assert int(message["Attributes"]["ApproximateReceiveCount"]) >= 1
 
 

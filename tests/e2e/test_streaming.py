@@ -14,6 +14,7 @@ from httpx_sse import connect_sse
 from precis.domain.models import Completion, Style
 from precis.domain.prompts import summary_prompt
 from precis.providers.local import LocalModel
+from tests.support.waiting import wait_for
 
 SAMPLE = (Path(__file__).resolve().parents[2] / "local" / "samples" / "lighthouses.txt").read_text()
 
@@ -74,16 +75,6 @@ def start_stream(
     kwargs = {"headers": headers, "into": got, "seen": seen}
     threading.Thread(target=stream, args=(client, body), kwargs=kwargs, daemon=True).start()
     return got, seen
-
-
-def wait_for(predicate: Any, timeout: float = 5.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 def test_meta_arrives_before_the_models_first_token(client: httpx.Client) -> None:

@@ -12,29 +12,18 @@ import json
 import os
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import boto3
 import pytest
 
 from local.stack import REGION, ROOT, LocalStack, Template, create_resources, sqs_event_sources
+from tests.support.waiting import wait_for
 
 FIXTURES = Path(__file__).parent / "fixtures" / "local_cloud"
-T = TypeVar("T")
-
-
-def wait_for(probe: Callable[[], T | None], timeout: float = 15.0, interval: float = 0.2) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = probe()
-        if result:
-            return result
-        time.sleep(interval)
-    raise AssertionError(f"nothing after {timeout} s")
 
 
 @pytest.fixture(scope="module")

@@ -43,14 +43,14 @@ def _conditional_failed(exc: ClientError) -> bool:
     return exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException"
 
 
-def _plain(value: Any) -> Any:
+def from_dynamodb(value: Any) -> Any:
     """DynamoDB numbers come back as Decimal: integers become int, the rest float."""
     if isinstance(value, Decimal):
         return int(value) if value == value.to_integral_value() else float(value)
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: from_dynamodb(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_plain(v) for v in value]
+        return [from_dynamodb(v) for v in value]
     return value
 
 
@@ -225,7 +225,7 @@ class RequestStore:
 
     @staticmethod
     def _record(item: dict[str, Any]) -> RequestRecord:
-        item = _plain(item)
+        item = from_dynamodb(item)
         return RequestRecord(
             request_id=item["request_id"],
             user_id=item["user_id"],

@@ -10,7 +10,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from precis.adapters.dynamodb import _plain
+from precis.adapters.dynamodb import from_dynamodb
 from precis.domain.errors import NotFoundError, TransientStorageError
 from precis.domain.jobs import Job, JobError
 from precis.domain.models import FinishReason, Style, Usage
@@ -24,6 +24,8 @@ def _now() -> Decimal:
 
 
 def _failed_condition(exc: ClientError) -> bool:
+    """True when the write's condition failed; DynamoDB's own throttling and 5xx become
+    TransientStorageError, which the state machine retries."""
     code = exc.response.get("Error", {}).get("Code")
     if code in _TRANSIENT:
         raise TransientStorageError(f"DynamoDB is unavailable: {code}") from exc
@@ -202,7 +204,7 @@ class JobStore:
 
 
 def _job(item: dict[str, Any]) -> Job:
-    item = _plain(item)
+    item = from_dynamodb(item)
     return Job(
         job_id=item["job_id"],
         owner=item["owner"],

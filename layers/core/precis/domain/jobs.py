@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -58,6 +58,22 @@ class Job(Frozen):
     @property
     def finished(self) -> bool:
         return self.status in TERMINAL
+
+
+class JobTask(Frozen):
+    """The input of a job stage: the state machine passes only the job id (the rest is stored)."""
+
+    job_id: str
+
+
+class ChunkTask(JobTask):
+    index: int
+
+
+class FailedJobTask(JobTask):
+    """What the state machine's Catch passes on: the Step Functions error (Error, Cause)."""
+
+    error: dict[str, Any]
 
 
 def new_job_id() -> str:
