@@ -35,7 +35,7 @@ MAP_CONCURRENCY = (1, 8)
 #: environment, so the override has to travel with the stack's own).
 QUIET = {"POWERTOOLS_LOG_LEVEL": "WARNING", "POWERTOOLS_METRICS_DISABLED": "true"}
 TOP_STATES = ("Split Into Chunks", "Summarize Each Chunk", "Combine The Summaries", "Postprocess And Store")
-TIMEOUT_S = 300.0
+TIMEOUT_S = 240.0
 
 
 def document() -> str:
@@ -113,16 +113,34 @@ def _epoch(value: datetime | float) -> float:
     return value.timestamp() if isinstance(value, datetime) else float(value)
 
 
-def _wait_for_job(client: Any, job_id: str) -> dict[str, Any]:
+def _execution_arn(stack: Any, job_id: str) -> str:
+    machine: str = stack.template.attributes["SummarizeStateMachine"]["Ref"]
+    return f"{machine.replace(':stateMachine:', ':execution:')}:{job_id}"
+
+
+def _wait_for_job(stack: Any, client: Any, job_id: str) -> dict[str, Any]:
+    """The job once `succeeded`; an error as soon as the job or its execution ends otherwise."""
+    import boto3
+
+    sfn: Any = boto3.client("stepfunctions")
     deadline = time.monotonic() + TIMEOUT_S
+    polls = 0
     while time.monotonic() < deadline:
         response = client.get(f"/v1/jobs/{job_id}")
         if response.status_code == 200:
             job: dict[str, Any] = response.json()
-            if job["status"] in ("succeeded", "failed", "cancelled"):
-                if job["status"] != "succeeded":
-                    raise RuntimeError(f"job {job_id} ended {job['status']}: {job.get('error')}")
+            if job["status"] == "succeeded":
                 return job
+            if job["status"] in ("failed", "cancelled"):
+                raise RuntimeError(f"job {job_id} ended {job['status']}: {job.get('error')}")
+        polls += 1
+        if polls % 20 == 0:  # a stage that cannot even record its failure leaves the job running
+            try:
+                execution = sfn.describe_execution(executionArn=_execution_arn(stack, job_id))
+            except sfn.exceptions.ExecutionDoesNotExist:
+                execution = {"status": "NOT STARTED"}
+            if execution["status"] not in ("RUNNING", "SUCCEEDED", "NOT STARTED"):
+                raise RuntimeError(f"job {job_id}: its execution ended {execution['status']}: {execution.get('error')}")
         time.sleep(0.05)
     raise TimeoutError(f"job {job_id} did not finish in {TIMEOUT_S:.0f} s")
 
@@ -130,8 +148,7 @@ def _wait_for_job(client: Any, job_id: str) -> dict[str, Any]:
 def _history(stack: Any, job_id: str) -> list[dict[str, Any]]:
     import boto3
 
-    machine = stack.template.attributes["SummarizeStateMachine"]["Ref"]
-    arn = f"{machine.replace(':stateMachine:', ':execution:')}:{job_id}"
+    arn = _execution_arn(stack, job_id)
     sfn: Any = boto3.client("stepfunctions")  # events as plain dicts
     events: list[dict[str, Any]] = []
     kwargs: dict[str, Any] = {"executionArn": arn, "maxResults": 1000}
@@ -155,7 +172,7 @@ def _on_stack(template_overrides: dict[str, str], submit: Callable[[Any, Any], t
         httpx.Client(base_url=stack.url, headers={"authorization": f"Bearer {stack.api_key}"}, timeout=60) as client,
     ):
         submitted, job_id = submit(stack, client)
-        job = _wait_for_job(client, job_id)
+        job = _wait_for_job(stack, client, job_id)
         return JobRun(submitted=submitted, job=job, events=_history(stack, job_id))
 
 

@@ -55,23 +55,28 @@ def stream(
     on another thread); `seen[name]` is set when the first event of that name arrives."""
     received = into if into is not None else Received()
     started = time.monotonic()
-    with connect_sse(client, "POST", "/v1/summarize", json=body, headers=dict(headers or {})) as source:
-        received.status = source.response.status_code
-        received.headers = source.response.headers
-        for sse in source.iter_sse():
-            received.events.append((time.monotonic() - started, sse.event, json.loads(sse.data)))
-            if seen is not None and sse.event in seen:
-                seen[sse.event].set()
-            if stop_after_tokens is not None and len(received.of("token")) == stop_after_tokens:
-                break  # leaving the block closes the connection mid-stream
+    try:
+        with connect_sse(client, "POST", "/v1/summarize", json=body, headers=dict(headers or {})) as source:
+            received.status = source.response.status_code
+            received.headers = source.response.headers
+            for sse in source.iter_sse():
+                received.events.append((time.monotonic() - started, sse.event, json.loads(sse.data)))
+                if seen is not None and sse.event in seen:
+                    seen[sse.event].set()
+                if stop_after_tokens is not None and len(received.of("token")) == stop_after_tokens:
+                    break  # leaving the block closes the connection mid-stream
+    finally:
+        if seen is not None and "closed" in seen:
+            seen["closed"].set()
     return received
 
 
 def start_stream(
     client: httpx.Client, body: dict[str, Any], headers: dict[str, str] | None = None
 ) -> tuple[Received, dict[str, threading.Event]]:
-    """Read a stream on a background thread; the events in `seen` say how far it got."""
-    got, seen = Received(), {name: threading.Event() for name in ("meta", "token", "done")}
+    """Read a stream on a background thread; the events in `seen` say how far it got (a test waits
+    for "closed" before it ends, so the client is not closed under the reader)."""
+    got, seen = Received(), {name: threading.Event() for name in ("meta", "token", "done", "closed")}
     kwargs = {"headers": headers, "into": got, "seen": seen}
     threading.Thread(target=stream, args=(client, body), kwargs=kwargs, daemon=True).start()
     return got, seen
@@ -132,7 +137,7 @@ def test_cancel_mid_stream_ends_cancelled_and_stops_the_provider(client: httpx.C
     time.sleep(0.2)
     cancelled = client.post(f"/v1/requests/{request_id}/cancel")
     assert cancelled.status_code == 202 and cancelled.json()["status"] == "cancelling"
-    assert seen["done"].wait(10)
+    assert seen["done"].wait(10) and seen["closed"].wait(10)
     done = got.of("done")[0]
     assert got.names[-1] == "done" and done["finish_reason"] == "cancelled" and done["partial"] is True
     streamed = len(got.of("token"))
@@ -206,7 +211,7 @@ def test_idempotency_key_of_a_running_request_is_a_conflict(client: httpx.Client
     clash = client.post("/v1/summarize", json=body, headers={"idempotency-key": "slow-1"})
     assert clash.status_code == 409 and clash.headers["retry-after"]
     assert clash.json()["error"]["retryable"] is True
-    assert seen["done"].wait(10) and got.names[-1] == "done"
+    assert seen["closed"].wait(10) and got.names[-1] == "done"
 
 
 def test_request_record_shows_the_text_so_far_while_streaming(client: httpx.Client) -> None:
@@ -215,6 +220,6 @@ def test_request_record_shows_the_text_so_far_while_streaming(client: httpx.Clie
     request_id = got.of("meta")[0]["request_id"]
     record = wait_for(lambda: (r := client.get(f"/v1/requests/{request_id}").json())["text"] and r)
     assert record["status"] == "in_progress"
-    assert seen["done"].wait(10)
+    assert seen["closed"].wait(10)
     assert got.text.startswith(record["text"]) and len(record["text"]) < len(got.text)
     assert record["usage"]["output_tokens"] > 0
