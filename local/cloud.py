@@ -51,11 +51,8 @@ from types import ModuleType
 from typing import Any
 from urllib.parse import quote_plus
 
-ROOT = Path(__file__).resolve().parent.parent
-REGION = "us-east-1"
-ACCOUNT_ID = "123456789012"
-#: The environment variable that names a function's code directory (its CodeUri) locally.
-CODE_URI_VARIABLE = "PRECIS_LOCAL_CODE_URI"
+from local.stack import ACCOUNT_ID, CODE_URI_VARIABLE, REGION, ROOT
+
 #: How long a message whose processing failed stays invisible before the poller sees it again.
 RETRY_VISIBILITY_VARIABLE = "PRECIS_LOCAL_RETRY_VISIBILITY_S"
 
