@@ -517,6 +517,24 @@ def _keep_stopped_executions_aborted() -> None:
     Environment.set_error = set_error_unless_stopped  # type: ignore[method-assign,assignment]
 
 
+def _serialize_dynamodb_writes() -> None:
+    """DynamoDB applies a conditional write atomically: no other write to the item comes between the
+    condition's check and the change. moto's server handles requests on many threads and does not,
+    so two concurrent admissions could both pass a `requests < limit` condition. One lock around
+    moto's write operations gives the local stack DynamoDB's guarantee (reads stay concurrent)."""
+    from moto.dynamodb.responses import DynamoHandler
+
+    lock = threading.Lock()
+    for name in ("put_item", "update_item", "delete_item", "batch_write_item", "transact_write_items"):
+        operation = getattr(DynamoHandler, name)
+
+        def serialized(self: Any, _operation: Callable[[Any], Any] = operation) -> Any:
+            with lock:
+                return _operation(self)
+
+        setattr(DynamoHandler, name, serialized)
+
+
 def _configure_moto(port: int) -> None:
     """What moto must know before the first resource is created: the docker-less Lambda backend
     (functions created before this would live in the other backend) and the ASL interpreter."""
@@ -573,6 +591,7 @@ def main() -> None:
     )
     os.environ.pop("AWS_PROFILE", None)
     _configure_moto(port)
+    _serialize_dynamodb_writes()
     cloud = Cloud()
     cloud.install()
     print(f"READY {port}", flush=True)

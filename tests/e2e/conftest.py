@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -14,6 +15,7 @@ from local.stack import LocalStack
 
 #: Small limits so that "too large" is cheap to send; fast checkpoints and pings so tests are quick.
 OVERRIDES = {
+    "PRECIS_TIERS_FILE": str(Path(__file__).resolve().parents[1] / "data" / "tiers.json"),
     "PRECIS_MAX_BODY_BYTES": "600000",
     "PRECIS_MAX_INPUT_TOKENS": "100000",
     "PRECIS_ASYNC_THRESHOLD_TOKENS": "20000",

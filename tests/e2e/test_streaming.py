@@ -90,7 +90,7 @@ def test_meta_arrives_before_the_models_first_token(client: httpx.Client) -> Non
     assert first_token_at - meta_at >= 0.4, "meta did not wait for the model"
     meta = got.of("meta")[0]
     assert meta["request_id"] == got.headers["x-request-id"]
-    assert meta["model"] == "local?ttft_ms=500&token_ms=5" and meta["chunks"] == 1 and meta["tier"] == "pro"
+    assert meta["model"] == "local?ttft_ms=500&token_ms=5" and meta["chunks"] == 1 and meta["tier"] == "enterprise"
 
 
 def test_tokens_arrive_incrementally_not_at_the_end(client: httpx.Client) -> None:

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def load_gateway(monkeypatch: pytest.MonkeyPatch, tables: dict[str, Any]) -> ModuleType:
     monkeypatch.setenv("PRECIS_KEYS_TABLE", tables["KeysTable"].name)
     monkeypatch.setenv("PRECIS_REQUESTS_TABLE", tables["RequestsTable"].name)
+    monkeypatch.setenv("PRECIS_QUOTAS_TABLE", tables["QuotasTable"].name)
     return load_function("gateway")
 
 

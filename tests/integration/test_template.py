@@ -251,7 +251,7 @@ def test_gateway_reads_keys_and_writes_only_request_and_job_records(template: di
     policies = _gateway(template)["Policies"]
     assert {"DynamoDBReadPolicy": {"TableName": {"Ref": "KeysTable"}}} in policies
     crud_tables = [p["DynamoDBCrudPolicy"]["TableName"] for p in policies if "DynamoDBCrudPolicy" in p]
-    assert crud_tables == [{"Ref": "RequestsTable"}, {"Ref": "JobsTable"}]
+    assert crud_tables == [{"Ref": "RequestsTable"}, {"Ref": "JobsTable"}, {"Ref": "QuotasTable"}]
 
 
 def test_bedrock_access_is_model_invocation_only(template: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ class Settings(Frozen):
     keys_table: str = "precis-keys"
     requests_table: str = "precis-requests"
     jobs_table: str = "precis-jobs"
+    quotas_table: str = "precis-quotas"
     idempotency_table: str = "precis-idempotency"
     documents_bucket: str = "precis-documents"
     ingest_queue_url: str = ""
@@ -25,6 +26,8 @@ class Settings(Frozen):
     #: How often `GET /v1/jobs/{id}/events` reads the job record.
     job_poll_s: float = Field(default=0.5, gt=0)
     default_model: str = "local"
+    #: A tiers file to use instead of the bundled precis/data/tiers.json.
+    tiers_file: str | None = None
     #: Largest document accepted, in cl100k_base tokens.
     max_input_tokens: int = Field(default=200_000, gt=0)
     #: Largest request body accepted, in bytes (checked before anything is parsed).

@@ -6,12 +6,14 @@ from typing import Any
 
 from precis.adapters.dynamodb import KeyStore, RequestStore
 from precis.adapters.jobs import JobStore
+from precis.adapters.quotas import QuotaStore
 from precis.adapters.s3 import DocumentStore
 from precis.adapters.stepfunctions import Executions
 from precis.api.app import Services
 from precis.domain.cancellation import CancelWatch
 from precis.domain.pipeline import JobIntake, JobPipeline
 from precis.domain.summarize import Summarizer
+from precis.domain.tiers import Tiers
 from precis.observability import RequestTelemetry
 from precis.providers import ProviderFactory
 from precis.settings import Settings
@@ -30,17 +32,21 @@ def dynamodb_resource() -> Any:
 def build_services(settings: Settings, dynamodb: Any | None = None) -> Services:
     dynamodb = dynamodb if dynamodb is not None else dynamodb_resource()
     requests = RequestStore(dynamodb.Table(settings.requests_table), ttl_days=settings.request_ttl_days)
+    quotas = QuotaStore(dynamodb.Table(settings.quotas_table))
     providers = ProviderFactory(settings)
     return Services(
         settings=settings,
         keys=KeyStore(dynamodb.Table(settings.keys_table)),
         requests=requests,
+        quotas=quotas,
+        tiers=Tiers.load(settings.tiers_file),
         providers=providers,
         summarizer=Summarizer(
             providers,
             requests,
             RequestTelemetry(),
             CancelWatch(requests, interval_s=settings.cancel_poll_s),
+            admission=quotas,
             map_concurrency=settings.map_concurrency,
             checkpoint_interval_s=settings.checkpoint_interval_s,
         ),

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, Validat
 from starlette.responses import JSONResponse, Response
 
 from precis.adapters.dynamodb import KeyStore, Principal, RequestRecord, RequestStore
+from precis.adapters.quotas import QuotaStore
 from precis.api import errors
 from precis.api import jobs as jobs_api
 from precis.api.jobs import JobDesk, accepted
@@ -30,7 +31,7 @@ from precis.api.sse import EventStreamResponse
 from precis.domain.catalog import Catalog, ModelSpec
 from precis.domain.chunking import plan_chunks
 from precis.domain.errors import InputTooLargeError, InvalidInputError, NotFoundError, UnauthenticatedError
-from precis.domain.inference import chunk_budget
+from precis.domain.inference import chunk_budget, worst_case_tokens
 from precis.domain.models import (
     Document,
     DoneEvent,
@@ -43,6 +44,7 @@ from precis.domain.models import (
     TokenEvent,
 )
 from precis.domain.summarize import Summarizer, SummaryTask
+from precis.domain.tiers import Tiers
 from precis.domain.tokens import encoding
 from precis.observability import correlate, logger
 from precis.providers import ProviderFactory
@@ -69,21 +71,29 @@ class Services:
     settings: Settings
     keys: KeyStore
     requests: RequestStore
+    quotas: QuotaStore
     providers: ProviderFactory
     summarizer: Summarizer
     catalog: Catalog = field(default_factory=Catalog.bundled)
+    tiers: Tiers = field(default_factory=Tiers.load)
     streams_in_flight: int = 0
     _key_cache: dict[str, tuple[float, Principal]] = field(default_factory=dict)
 
-    def resolve_model(self, name: str | None, max_output_tokens: int | None) -> tuple[ModelSpec, int]:
-        """The model a request asks for (or the default) and its output budget, checked."""
+    def resolve_model(
+        self, name: str | None, max_output_tokens: int | None, principal: Principal
+    ) -> tuple[ModelSpec, int, Limits]:
+        """The model a request asks for (or the default), its output budget, and the caller's limits
+        (its tier's, capped by the deployment's and the model's), checked."""
         spec = self.catalog.resolve(name or self.settings.default_model)
         self.providers.validate(spec)
-        limit = spec.info.max_output_tokens
+        limits = self.tiers.named(principal.tier).limits(self.settings.max_input_tokens, spec.info.max_output_tokens)
+        limit = limits.max_output_tokens
         max_output = max_output_tokens or min(self.settings.default_max_output_tokens, limit)
         if max_output > limit:
-            raise InvalidInputError(f"max_output_tokens: at most {limit} for model {spec.info.id!r}")
-        return spec, max_output
+            raise InvalidInputError(
+                f"max_output_tokens: at most {limit} for model {spec.info.id!r} in the {principal.tier} tier"
+            )
+        return spec, max_output, limits
 
     async def authenticate(self, authorization: str | None) -> Principal:
         scheme, _, api_key = (authorization or "").partition(" ")
@@ -233,9 +243,8 @@ def create_app(services: Services) -> FastAPI:
         body = validate_body(raw, SummarizeRequest)
         if not body.text.strip():
             raise InvalidInputError("text: the document is empty")
-        spec, max_output = services.resolve_model(body.model, body.max_output_tokens)
+        spec, max_output, limits = services.resolve_model(body.model, body.max_output_tokens, principal)
         info = spec.info
-        limits = Limits(max_input_tokens=settings.max_input_tokens, max_output_tokens=info.max_output_tokens)
         mode: Literal["sse", "json"] = "json" if _wants_json(accept) else "sse"
 
         request_id = f"req_{secrets.token_hex(16)}"
@@ -277,6 +286,14 @@ def create_app(services: Services) -> FastAPI:
                     max_output,
                 )
                 return accepted(job, handed_off=True)
+            reservation = await anyio.to_thread.run_sync(
+                services.quotas.reserve,
+                principal.user_id,
+                services.tiers.named(principal.tier),
+                worst_case_tokens(task.plan, body.style, max_output),
+                "streams",
+            )
+            task = task.model_copy(update={"reservation": reservation})
             await anyio.to_thread.run_sync(
                 services.requests.create,
                 request_id,
@@ -347,14 +364,11 @@ async def _prepare(
 ) -> SummaryTask:
     """Preprocess: count and chunk the document against the model's budget (off the event loop:
     a 200k-token document takes a few hundred milliseconds to tokenize)."""
-    settings = services.settings
     started = time.monotonic()
     chunk_tokens, overlap = chunk_budget(spec.info, body.style, max_output)
     plan = await anyio.to_thread.run_sync(plan_chunks, Document(text=body.text), chunk_tokens, overlap)
-    if plan.total_tokens > settings.max_input_tokens:
-        raise InputTooLargeError(
-            f"the document has {plan.total_tokens} tokens; the limit is {settings.max_input_tokens}"
-        )
+    if plan.total_tokens > limits.max_input_tokens:
+        raise InputTooLargeError(f"the document has {plan.total_tokens} tokens; the limit is {limits.max_input_tokens}")
     return SummaryTask(
         request_id=request_id,
         user_id=principal.user_id,

@@ -9,25 +9,36 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
-from precis.domain.errors import PrecisError, UnauthenticatedError
+from precis.domain.errors import PrecisError, RateLimitedError
 from precis.observability import logger
 
 
 def error_response(
-    status: int, code: str, message: str, *, retryable: bool = False, details: Any = None
+    status: int,
+    code: str,
+    message: str,
+    *,
+    retryable: bool = False,
+    details: Any = None,
+    retry_after_s: int = 1,
+    **extra: Any,
 ) -> JSONResponse:
-    error: dict[str, Any] = {"code": code, "message": message, "retryable": retryable}
+    error: dict[str, Any] = {"code": code, "message": message, "retryable": retryable, **extra}
     if details is not None:
         error["details"] = details
     headers = {"www-authenticate": "Bearer"} if status == 401 else None
     if retryable and status in (409, 429, 503):
-        headers = {"retry-after": "1"}
+        headers = {"retry-after": str(retry_after_s)}
     return JSONResponse({"error": error}, status_code=status, headers=headers)
 
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(PrecisError)
     async def precis_error(_: Request, exc: PrecisError) -> JSONResponse:
+        if isinstance(exc, RateLimitedError):
+            return error_response(
+                exc.status, exc.code, exc.message, retryable=True, retry_after_s=exc.retry_after_s, limit=exc.limit
+            )
         return error_response(exc.status, exc.code, exc.message, retryable=exc.retryable)
 
     @app.exception_handler(RequestValidationError)
@@ -44,6 +55,3 @@ def install(app: FastAPI) -> None:
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
         logger.exception("unhandled error")
         return error_response(500, "internal_error", "internal error", retryable=True)
-
-
-__all__ = ["UnauthenticatedError", "error_response", "install"]

@@ -205,7 +205,7 @@ def install(app: FastAPI, services: Services, desk: JobDesk, parse: Callable[...
             check_inbox_key(key)
             if await anyio.to_thread.run_sync(desk.documents.head, key) is None:
                 raise InvalidInputError(f"no object at {body.s3_uri[:200]}")
-        spec, max_output = services.resolve_model(body.model, body.max_output_tokens)
+        spec, max_output, _ = services.resolve_model(body.model, body.max_output_tokens, principal)
         job = await anyio.to_thread.run_sync(
             desk.submit, principal.user_id, body.text, key, spec.name, body.style, max_output
         )
@@ -225,8 +225,8 @@ def install(app: FastAPI, services: Services, desk: JobDesk, parse: Callable[...
     ) -> Response:
         principal = await services.authenticate(authorization)
         await anyio.to_thread.run_sync(desk.jobs.get_owned, own(job_id), principal.user_id)  # 404 before any stream
-        limits = Limits(
-            max_input_tokens=settings.max_input_tokens, max_output_tokens=settings.default_max_output_tokens
+        limits = services.tiers.named(principal.tier).limits(
+            settings.max_input_tokens, settings.default_max_output_tokens
         )
 
         async def produce(emit: Any) -> None:

@@ -108,3 +108,20 @@ class InvalidDocumentError(InvalidInputError):
     """The document itself cannot be summarized: empty, not UTF-8 text, too large."""
 
     code = "invalid_document"
+
+
+# Admission --------------------------------------------------------------------------------------
+
+
+class RateLimitedError(PrecisError):
+    """Over one of the caller's tier limits. `limit` names which; retrying after `retry_after_s`
+    seconds is when that limit can admit the request again."""
+
+    code = "rate_limited"
+    status = 429
+    retryable = True
+
+    def __init__(self, message: str, *, limit: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.retry_after_s = max(1, retry_after_s)

@@ -9,7 +9,7 @@ import anyio
 
 from precis.domain.catalog import ModelInfo
 from precis.domain.errors import ModelError
-from precis.domain.models import Completion, FinishReason, Prompt, Style, TokenBudget, Usage
+from precis.domain.models import ChunkPlan, Completion, FinishReason, Prompt, Style, TokenBudget, Usage
 from precis.domain.ports import ModelProvider
 from precis.domain.prompts import combine_prompt, prompt_tokens, scaffold_tokens
 from precis.domain.tokens import count_tokens
@@ -104,3 +104,14 @@ def group(texts: list[str], room: int) -> list[list[str]]:
         groups[-1].append(text)
         used += tokens
     return groups
+
+
+def worst_case_tokens(plan: ChunkPlan, style: Style, max_output_tokens: int) -> int:
+    """The most tokens summarizing `plan` can use: every call's input and output budget. Admission
+    reserves this before the first call and settles to the real usage after the last."""
+    scaffold = scaffold_tokens(style, max_output_tokens)
+    if len(plan.chunks) == 1:
+        return plan.total_tokens + scaffold + max_output_tokens
+    mapped = sum(chunk.tokens + scaffold + MAP_OUTPUT_TOKENS for chunk in plan.chunks)
+    combined = len(plan.chunks) * MAP_OUTPUT_TOKENS + scaffold + max_output_tokens
+    return mapped + combined

@@ -124,8 +124,15 @@ ModelEvent = Delta | Completion
 
 
 class Limits(Frozen):
+    """A caller's limits as its tier sets them (precis/data/tiers.json), capped by the deployment's."""
+
     max_input_tokens: int
     max_output_tokens: int
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    tokens_per_day: int | None = None
+    max_concurrent_streams: int | None = None
+    max_concurrent_jobs: int | None = None
 
 
 class MetaEvent(Frozen):

@@ -14,6 +14,7 @@ from decimal import Decimal
 import anyio
 import anyio.to_thread
 
+from precis.domain.admission import Admission, Reservation
 from precis.domain.cancellation import CancelWatch
 from precis.domain.catalog import ModelSpec
 from precis.domain.errors import ModelError
@@ -54,6 +55,7 @@ class SummaryTask(Frozen):
     limits: Limits
     document_tokens: int
     preprocess_ms: float = 0.0
+    reservation: Reservation | None = None
 
 
 class ErrorInfo(Frozen):
@@ -110,6 +112,7 @@ class Summarizer:
         telemetry: Telemetry,
         cancels: CancelWatch,
         *,
+        admission: Admission | None = None,
         map_concurrency: int = 4,
         checkpoint_interval_s: float = 1.0,
     ) -> None:
@@ -117,6 +120,7 @@ class Summarizer:
         self.journal = journal
         self.telemetry = telemetry
         self.cancels = cancels
+        self.admission = admission
         self.map_concurrency = map_concurrency
         self.checkpoint_interval_s = checkpoint_interval_s
 
@@ -168,6 +172,8 @@ class Summarizer:
             with anyio.CancelScope(shield=True):
                 outcome = self._outcome(task, draft, finish, error, timings, started, disconnected)
                 await anyio.to_thread.run_sync(self.journal.finish, outcome)
+                if self.admission is not None and task.reservation is not None:
+                    await anyio.to_thread.run_sync(self.admission.settle, task.reservation, outcome.usage)
                 self.telemetry.record(outcome)
         if error is not None:
             await emit(
