@@ -41,6 +41,8 @@ def steady_minute() -> datetime:
 
 def test_fifty_concurrent_requests_against_a_budget_of_ten_admit_exactly_ten(stack: LocalStack) -> None:
     user, client = user_in(stack, "ten-a-minute")
+    records = boto3.resource("dynamodb").Table(stack.template.physical["RequestsTable"])
+    before = records.scan(Select="COUNT")["Count"]
     now = steady_minute()
     body = {"text": DOCUMENT, "max_output_tokens": 50}
     with ThreadPoolExecutor(max_workers=50) as pool:
@@ -52,6 +54,7 @@ def test_fifty_concurrent_requests_against_a_budget_of_ten_admit_exactly_ten(sta
     admitted = [r for r in responses if r.status_code == 200]
     refused = [r for r in responses if r.status_code == 429]
     assert len(admitted) == 10 and len(refused) == 40, [r.status_code for r in responses]
+    assert records.scan(Select="COUNT")["Count"] == before + 10, "a refused request leaves no record"
     for response in refused:
         error = response.json()["error"]
         assert error["code"] == "rate_limited" and error["limit"] == "requests_per_minute" and error["retryable"]

@@ -112,8 +112,14 @@ class RequestStore:
     # Lifecycle --------------------------------------------------------------------------------
 
     def create(self, request_id: str, user_id: str, model: str, style: str, input_tokens: int) -> None:
+        self.table.meta.client.put_item(**self.creation(request_id, user_id, model, style, input_tokens))
+
+    def creation(self, request_id: str, user_id: str, model: str, style: str, input_tokens: int) -> dict[str, Any]:
+        """The write that creates a request's record (a PutItem's arguments), so that admission can
+        make it part of its own transaction: admitted and recorded, or neither."""
         now = time.time()
-        self.table.put_item(
+        return dict(
+            TableName=self.table.name,
             Item={
                 "pk": f"request#{request_id}",
                 "request_id": request_id,

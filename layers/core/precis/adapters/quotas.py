@@ -34,7 +34,18 @@ class QuotaStore:
         self.table = table
         self.client = table.meta.client
 
-    def reserve(self, user_id: str, tier: Tier, tokens: int, slot: Slot, now: float | None = None) -> Reservation:
+    def reserve(
+        self,
+        user_id: str,
+        tier: Tier,
+        tokens: int,
+        slot: Slot,
+        now: float | None = None,
+        *,
+        record: dict[str, Any] | None = None,
+    ) -> Reservation:
+        """Admit and hold `tokens` and a slot. `record` (a PutItem's arguments) is written in the same
+        transaction: the request is recorded exactly when it is admitted, in one round trip."""
         now = time.time() if now is None else now
         if tokens > min(tier.tokens_per_minute, tier.tokens_per_day):
             raise InputTooLargeError(
@@ -52,7 +63,8 @@ class QuotaStore:
         most = tier.max_concurrent_streams if slot == "streams" else tier.max_concurrent_jobs
         for attempt in range(2):
             try:
-                self.client.transact_write_items(TransactItems=self._reserve_items(reservation, tier, most, now))
+                items = self._reserve_items(reservation, tier, most, now) + ([{"Put": record}] if record else [])
+                self.client.transact_write_items(TransactItems=items)
                 return reservation
             except ClientError as exc:
                 limit = self._refused_limit(exc)

@@ -286,22 +286,18 @@ def create_app(services: Services) -> FastAPI:
                     max_output,
                 )
                 return accepted(job, handed_off=True)
+            # Admitted and recorded in one transaction: over a limit, nothing is written.
+            creation = services.requests.creation(
+                request_id, principal.user_id, info.id, body.style.value, task.document_tokens
+            )
             reservation = await anyio.to_thread.run_sync(
-                services.quotas.reserve,
+                partial(services.quotas.reserve, record=creation),
                 principal.user_id,
                 services.tiers.named(principal.tier),
                 worst_case_tokens(task.plan, body.style, max_output),
                 "streams",
             )
             task = task.model_copy(update={"reservation": reservation})
-            await anyio.to_thread.run_sync(
-                services.requests.create,
-                request_id,
-                principal.user_id,
-                info.id,
-                body.style.value,
-                task.document_tokens,
-            )
         except BaseException:
             if idempotency_key is not None:
                 await anyio.to_thread.run_sync(

@@ -5,7 +5,7 @@ concurrent requests cannot race past a limit."""
 
 from __future__ import annotations
 
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from precis.domain.models import Frozen, Usage
 from precis.domain.tiers import Tier
@@ -25,8 +25,18 @@ class Reservation(Frozen):
 
 
 class Admission(Protocol):
-    def reserve(self, user_id: str, tier: Tier, tokens: int, slot: Slot) -> Reservation:
-        """Admit the request or raise `RateLimitedError` naming the limit it is over."""
+    def reserve(
+        self,
+        user_id: str,
+        tier: Tier,
+        tokens: int,
+        slot: Slot,
+        now: float | None = None,
+        *,
+        record: dict[str, Any] | None = None,
+    ) -> Reservation:
+        """Admit the request or raise `RateLimitedError` naming the limit it is over; `record`, a
+        write to make in the same transaction."""
         ...
 
     def settle(self, reservation: Reservation, usage: Usage) -> None:
