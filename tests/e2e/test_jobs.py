@@ -277,3 +277,27 @@ def test_unknown_and_other_users_jobs_are_404(client: httpx.Client, stack: Local
         ):
             assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
     assert finished(client, mine)["status"] == "succeeded", "their attempts changed nothing"
+
+
+def test_new_jobs_get_429_with_the_expected_wait_while_the_queue_is_backed_up(
+    client: httpx.Client, aws: dict[str, Any], stack: LocalStack
+) -> None:
+    lambda_ = boto3.client("lambda")
+    starter = stack.template.physical["StarterFunction"]
+    [mapping] = lambda_.list_event_source_mappings(FunctionName=starter)["EventSourceMappings"]
+    jobs = boto3.resource("dynamodb").Table(stack.template.physical["JobsTable"])
+    lambda_.update_event_source_mapping(UUID=mapping["UUID"], Enabled=False)  # the starter stops draining
+    try:
+        time.sleep(1.5)  # a receive already under way finishes
+        for index in range(6):  # PRECIS_MAX_QUEUE_BACKLOG is 5 in these tests
+            aws["sqs"].send_message(QueueUrl=aws["queue"], MessageBody=json.dumps({"job_id": f"job_{index:032x}"}))
+        before = jobs.scan(Select="COUNT")["Count"]
+        response = client.post("/v1/jobs", json={"text": SAMPLE})
+        assert response.status_code == 429
+        error = response.json()["error"]
+        assert error["limit"] == "queue_backlog" and "waiting" in error["message"]
+        assert int(response.headers["retry-after"]) >= 6, "6 or more waiting, at the default 60 starts a minute"
+        assert jobs.scan(Select="COUNT")["Count"] == before
+    finally:
+        aws["sqs"].purge_queue(QueueUrl=aws["queue"])
+        lambda_.update_event_source_mapping(UUID=mapping["UUID"], Enabled=True)

@@ -23,6 +23,10 @@ class Settings(Frozen):
     async_threshold_tokens: int = Field(default=50_000, gt=0)
     #: Largest document object the asynchronous path reads from S3, in bytes.
     max_document_bytes: int = Field(default=10_000_000, gt=0)
+    #: New jobs are refused (429) while this many messages wait in the ingest queue...
+    max_queue_backlog: int = Field(default=1_000, gt=0)
+    #: ...with a Retry-After from this estimate of how many jobs the pipeline starts a minute.
+    queue_drain_per_minute: float = Field(default=60.0, gt=0)
     #: How often `GET /v1/jobs/{id}/events` reads the job record.
     job_poll_s: float = Field(default=0.5, gt=0)
     default_model: str = "local"

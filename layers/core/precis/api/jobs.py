@@ -6,6 +6,7 @@ Jobs belong to their owner: anybody else's job id is a 404, exactly like an unkn
 from __future__ import annotations
 
 import json
+import math
 from functools import cached_property
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -16,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from starlette.responses import JSONResponse, Response
 
 from precis.api.sse import EventStreamResponse
-from precis.domain.errors import InvalidInputError, NotFoundError
+from precis.domain.errors import InvalidInputError, NotFoundError, RateLimitedError
 from precis.domain.jobs import Job, check_inbox_key, document_key_for_job, is_job_id, new_job_id
 from precis.domain.models import (
     DoneEvent,
@@ -101,6 +102,7 @@ class JobDesk:
     ) -> Job:
         """Store the document (when inline), record the job and queue it; on any failure undo what
         was written, so a rejected job leaves nothing behind."""
+        self._refuse_when_backed_up()
         job_id = job_id or new_job_id()
         key = document_key or document_key_for_job(job_id)
         written: list[Callable[[], None]] = []
@@ -118,6 +120,23 @@ class JobDesk:
         job = self.jobs.get(job_id)
         assert job is not None
         return job
+
+    def _refuse_when_backed_up(self) -> None:
+        """Beyond a bound, a new job would only wait: say so, with the expected wait, instead of
+        letting the queue grow without limit."""
+        attributes = self.queue.get_queue_attributes(
+            QueueUrl=self.settings.ingest_queue_url,
+            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+        )["Attributes"]
+        # Waiting, plus being retried (in flight, not yet deleted): both are ahead of a new job.
+        waiting = sum(int(attributes.get(name, 0)) for name in attributes if name.startswith("ApproximateNumber"))
+        if waiting >= self.settings.max_queue_backlog:
+            wait_s = math.ceil(waiting / self.settings.queue_drain_per_minute * 60)
+            raise RateLimitedError(
+                f"{waiting} jobs are waiting to start; expect about {wait_s} s",
+                limit="queue_backlog",
+                retry_after_s=wait_s,
+            )
 
     def cancel(self, job_id: str, owner: str) -> Job:
         job = self.jobs.cancel(job_id, owner)
