@@ -223,3 +223,18 @@ def test_request_record_shows_the_text_so_far_while_streaming(client: httpx.Clie
     assert seen["closed"].wait(10)
     assert got.text.startswith(record["text"]) and len(record["text"]) < len(got.text)
     assert record["usage"]["output_tokens"] > 0
+
+
+def test_stream_ends_with_done_timeout_before_the_lambda_deadline(client: httpx.Client) -> None:
+    """Under the web adapter, x-amzn-lambda-context carries the invocation's deadline; the stream must
+    close with `done` a margin (PRECIS_DEADLINE_MARGIN_S, 10 s) before it."""
+    deadline_ms = (time.time() + 11.5) * 1000
+    got = stream(
+        client,
+        {"text": SAMPLE, "model": "local?token_ms=30"},
+        headers={"x-amzn-lambda-context": json.dumps({"deadline_ms": deadline_ms, "function_name": "gateway"})},
+    )
+    done = got.of("done")[0]
+    assert got.names[-1] == "done" and done["finish_reason"] == "timeout" and done["partial"] is True
+    assert got.at("done")[0] < 4, "it stopped at its deadline, not when the model finished"
+    assert done["usage"]["output_tokens"] == len(got.of("token"))

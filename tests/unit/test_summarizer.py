@@ -193,3 +193,12 @@ async def test_consumer_going_away_still_records_the_outcome() -> None:
     [outcome] = journal.finished
     assert outcome.disconnected and outcome.summary.finish_reason is FinishReason.CANCELLED
     assert outcome.usage.output_tokens == sum(isinstance(e, TokenEvent) for e in received)
+
+
+async def test_stream_past_its_deadline_ends_with_done_timeout_and_keeps_its_tokens() -> None:
+    task = make_task(DOC, model="local?token_ms=20").model_copy(update={"timeout_s": 0.3})
+    events, outcome, _ = await run(task)
+    tokens = [e for e in events if isinstance(e, TokenEvent)]
+    done = events[-1]
+    assert isinstance(done, DoneEvent) and done.finish_reason is FinishReason.TIMEOUT and done.partial
+    assert 0 < len(tokens) < 30 and outcome.usage.output_tokens == len(tokens)

@@ -27,6 +27,11 @@ class Settings(Frozen):
     max_queue_backlog: int = Field(default=1_000, gt=0)
     #: ...with a Retry-After from this estimate of how many jobs the pipeline starts a minute.
     queue_drain_per_minute: float = Field(default=60.0, gt=0)
+    #: The longest a stream may run; under the Lambda Web Adapter, also no later than the
+    #: invocation's deadline (x-amzn-lambda-context) less `deadline_margin_s`, so that `done` is
+    #: written and the usage settled before Lambda stops the function.
+    stream_deadline_s: float = Field(default=870.0, gt=0)
+    deadline_margin_s: float = Field(default=10.0, ge=0)
     #: How often `GET /v1/jobs/{id}/events` reads the job record.
     job_poll_s: float = Field(default=0.5, gt=0)
     default_model: str = "local"

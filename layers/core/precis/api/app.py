@@ -237,6 +237,7 @@ def create_app(services: Services) -> FastAPI:
         authorization: Annotated[str | None, Header()] = None,
         accept: Annotated[str | None, Header()] = None,
         idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+        lambda_context: Annotated[str | None, Header(alias="x-amzn-lambda-context")] = None,
     ) -> Response:
         principal = await services.authenticate(authorization)
         raw = await read_json(request, settings.max_body_bytes)
@@ -297,7 +298,9 @@ def create_app(services: Services) -> FastAPI:
                 worst_case_tokens(task.plan, body.style, max_output),
                 "streams",
             )
-            task = task.model_copy(update={"reservation": reservation})
+            task = task.model_copy(
+                update={"reservation": reservation, "timeout_s": _time_left(settings, lambda_context)}
+            )
         except BaseException:
             if idempotency_key is not None:
                 await anyio.to_thread.run_sync(
@@ -337,6 +340,19 @@ def create_app(services: Services) -> FastAPI:
         return JSONResponse({"request_id": request_id, "status": record.status}, status_code=200)
 
     return app
+
+
+def _time_left(settings: Settings, lambda_context: str | None) -> float:
+    """Seconds this stream may run: the configured limit, and under the Lambda Web Adapter no later
+    than the invocation's deadline (its `x-amzn-lambda-context` header) less a margin for `done`."""
+    limit = settings.stream_deadline_s
+    try:
+        deadline_ms = float(json.loads(lambda_context or "{}").get("deadline_ms", 0))
+    except (ValueError, AttributeError):
+        deadline_ms = 0
+    if deadline_ms:
+        limit = min(limit, deadline_ms / 1000 - time.time() - settings.deadline_margin_s)
+    return max(limit, 0.0)
 
 
 def _job_id_for(request_id: str) -> str:

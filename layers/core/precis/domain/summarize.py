@@ -56,6 +56,8 @@ class SummaryTask(Frozen):
     document_tokens: int
     preprocess_ms: float = 0.0
     reservation: Reservation | None = None
+    #: Seconds the stream may run before it must end with `done` (finish_reason timeout).
+    timeout_s: float = 870.0
 
 
 class ErrorInfo(Frozen):
@@ -148,7 +150,11 @@ class Summarizer:
         error: ModelError | None = None
         disconnected = True
         try:
-            with self.cancels.watch(task.request_id) as cancel_requested, anyio.CancelScope() as user_cancel:
+            with (
+                anyio.move_on_after(task.timeout_s) as deadline,
+                self.cancels.watch(task.request_id) as cancel_requested,
+                anyio.CancelScope() as user_cancel,
+            ):
                 async with anyio.create_task_group() as tg:
 
                     async def generate() -> None:
@@ -165,6 +171,8 @@ class Summarizer:
                     tg.start_soon(generate)
             if user_cancel.cancelled_caught:
                 finish = FinishReason.CANCELLED
+            elif deadline.cancelled_caught:
+                finish = FinishReason.TIMEOUT
             disconnected = False
         finally:
             if disconnected:
