@@ -131,6 +131,8 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise _BadRequest("invalid_json", f"the body is not valid JSON: {exc.msg} at line {exc.lineno}") from exc
+    except RecursionError as exc:
+        raise _BadRequest("invalid_json", "the body's JSON is nested too deeply") from exc
 
 
 class _BadRequest(InvalidInputError):
