@@ -7,6 +7,7 @@ import itertools
 import anyio
 import pytest
 
+from precis.domain.admission import Reservation
 from precis.domain.cancellation import CancelWatch
 from precis.domain.catalog import Catalog
 from precis.domain.chunking import plan_chunks
@@ -21,6 +22,7 @@ from precis.domain.models import (
     StreamEvent,
     Style,
     TokenEvent,
+    Usage,
 )
 from precis.domain.summarize import Outcome, Summarizer, SummaryTask
 from precis.providers import ProviderFactory
@@ -202,3 +204,30 @@ async def test_stream_past_its_deadline_ends_with_done_timeout_and_keeps_its_tok
     done = events[-1]
     assert isinstance(done, DoneEvent) and done.finish_reason is FinishReason.TIMEOUT and done.partial
     assert 0 < len(tokens) < 30 and outcome.usage.output_tokens == len(tokens)
+
+
+async def test_consumer_gone_before_meta_still_records_and_settles() -> None:
+    journal = MemoryJournal()
+    settled: list[Usage] = []
+
+    class MemoryAdmission:
+        def reserve(self, *args: object, **kwargs: object) -> Reservation:
+            raise AssertionError("not used here")
+
+        def settle(self, reservation: Reservation, usage: Usage) -> None:
+            settled.append(usage)
+
+    summarizer = Summarizer(
+        ProviderFactory(), journal, MemoryTelemetry(), CancelWatch(journal), admission=MemoryAdmission()
+    )
+    reservation = Reservation(user_id="u1", tokens=500, minute="m", day="d", slot="streams", lease="1:x")
+    task = make_task(DOC).model_copy(update={"reservation": reservation})
+
+    async def gone(event: StreamEvent) -> None:
+        raise anyio.get_cancelled_exc_class()
+
+    with pytest.raises(anyio.get_cancelled_exc_class()):
+        await summarizer.run(task, gone)
+    [outcome] = journal.finished
+    assert outcome.disconnected and outcome.summary.finish_reason is FinishReason.CANCELLED
+    assert settled == [Usage()], "nothing was used, so everything reserved is refunded"

@@ -135,21 +135,23 @@ class Summarizer:
         started = time.monotonic()
         draft = _Draft()
         timings: dict[str, float] = {"preprocess": task.preprocess_ms}
-        await emit(
-            MetaEvent(
-                request_id=task.request_id,
-                model=task.model.name,
-                input_tokens=task.document_tokens,
-                max_output_tokens=task.max_output_tokens,
-                chunks=len(task.plan.chunks),
-                tier=task.tier,
-                limits=task.limits,
-            )
-        )
         finish = FinishReason.STOP
         error: ModelError | None = None
         disconnected = True
         try:
+            # Inside the try: a client gone before even `meta` still gets its record finished and
+            # its reservation settled.
+            await emit(
+                MetaEvent(
+                    request_id=task.request_id,
+                    model=task.model.name,
+                    input_tokens=task.document_tokens,
+                    max_output_tokens=task.max_output_tokens,
+                    chunks=len(task.plan.chunks),
+                    tier=task.tier,
+                    limits=task.limits,
+                )
+            )
             with (
                 anyio.move_on_after(task.timeout_s) as deadline,
                 self.cancels.watch(task.request_id) as cancel_requested,
