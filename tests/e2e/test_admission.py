@@ -15,6 +15,7 @@ import httpx
 
 from local.stack import LocalStack
 from precis.adapters.quotas import QuotaStore
+from tests.support.waiting import wait_for
 
 DOCUMENT = "The council voted to turn the old depot into a library. Work starts next spring, funded by a grant."
 
@@ -106,3 +107,27 @@ def test_output_budget_above_the_tier_is_refused(stack: LocalStack) -> None:
     _, client = user_in(stack, "ten-a-minute")
     response = client.post("/v1/summarize", json={"text": DOCUMENT, "max_output_tokens": 4097, "model": "nova-lite"})
     assert response.status_code == 422 and "ten-a-minute tier" in response.json()["error"]["message"]
+
+
+def test_jobs_are_admitted_against_the_same_budgets_and_settled_when_they_end(stack: LocalStack) -> None:
+    user, client = user_in(stack, "two-at-once")  # one job at a time
+    first = client.post("/v1/jobs", json={"text": DOCUMENT * 40, "model": "local?ttft_ms=1500"})
+    assert first.status_code == 202
+    second = client.post("/v1/jobs", json={"text": DOCUMENT})
+    assert second.status_code == 429 and second.json()["error"]["limit"] == "max_concurrent_jobs"
+    job_id = first.json()["job_id"]
+    job = wait_for(lambda: (j := client.get(f"/v1/jobs/{job_id}").json())["status"] == "succeeded" and j, timeout=60)
+    now = datetime.now(UTC)
+    counters = quotas(stack).usage(user, now.strftime("%Y%m%d%H%M"), now.strftime("%Y%m%d"))
+    assert counters["jobs_in_flight"] == 0
+    assert counters["tokens_today"] == job["usage"]["input_tokens"] + job["usage"]["output_tokens"]
+    assert client.post("/v1/jobs", json={"text": DOCUMENT}).status_code == 202, "the slot was freed"
+
+
+def test_a_cancelled_job_frees_its_slot(stack: LocalStack) -> None:
+    user, client = user_in(stack, "two-at-once")
+    job_id = client.post("/v1/jobs", json={"text": DOCUMENT * 40, "model": "local?ttft_ms=5000"}).json()["job_id"]
+    assert client.delete(f"/v1/jobs/{job_id}").json()["status"] == "cancelled"
+    now = datetime.now(UTC)
+    assert quotas(stack).usage(user, now.strftime("%Y%m%d%H%M"), now.strftime("%Y%m%d"))["jobs_in_flight"] == 0
+    assert client.post("/v1/jobs", json={"text": DOCUMENT}).status_code == 202

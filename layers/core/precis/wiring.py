@@ -64,6 +64,7 @@ def build_pipeline(settings: Settings) -> JobPipeline:
         max_input_tokens=settings.max_input_tokens,
         max_document_bytes=settings.max_document_bytes,
         checkpoint_interval_s=settings.checkpoint_interval_s,
+        admission=QuotaStore(dynamodb_resource().Table(settings.quotas_table)),
     )
 
 

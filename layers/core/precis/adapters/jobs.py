@@ -11,6 +11,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from precis.adapters.dynamodb import from_dynamodb
+from precis.domain.admission import Reservation
 from precis.domain.errors import NotFoundError, TransientStorageError
 from precis.domain.jobs import Job, JobError
 from precis.domain.models import FinishReason, Style, Usage
@@ -45,6 +46,7 @@ class JobStore:
         style: Style,
         max_output_tokens: int,
         error: JobError | None = None,
+        reservation: Reservation | None = None,
     ) -> bool:
         """Create the job, queued (or already failed, with `error`); False if it exists already."""
         now = _now()
@@ -62,6 +64,8 @@ class JobStore:
         }
         if error is not None:
             item["error"] = error.model_dump()
+        if reservation is not None:
+            item["reservation"] = reservation.model_dump()
         try:
             self.table.put_item(Item=item, ConditionExpression="attribute_not_exists(job_id)")
         except ClientError as exc:
@@ -159,11 +163,13 @@ class JobStore:
             names={"#error": "error"},
         )
 
-    def cancel(self, job_id: str, owner: str) -> Job:
-        """Cancel a queued or running job of `owner`; a finished one is returned as it is."""
+    def cancel(self, job_id: str, owner: str) -> tuple[Job, bool]:
+        """Cancel a queued or running job of `owner`: the job, and whether this call cancelled it (a
+        finished one is returned as it is)."""
         job = self.get_owned(job_id, owner)
+        cancelled = False
         if not job.finished:
-            self._update(
+            cancelled = self._update(
                 job_id,
                 "SET #status = :cancelled, finish_reason = :finish",
                 "#status IN (:queued, :running)",
@@ -174,7 +180,7 @@ class JobStore:
                     ":finish": FinishReason.CANCELLED.value,
                 },
             )
-        return self.get_owned(job_id, owner)
+        return self.get_owned(job_id, owner), cancelled
 
     def _update(
         self,
@@ -223,6 +229,7 @@ def _job(item: dict[str, Any]) -> Job:
         summary_key=item.get("summary_key"),
         markdown_key=item.get("markdown_key"),
         execution_arn=item.get("execution_arn"),
+        reservation=item.get("reservation"),
         created_at=item["created_at"],
         updated_at=item["updated_at"],
     )

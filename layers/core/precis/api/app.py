@@ -282,9 +282,10 @@ def create_app(services: Services) -> FastAPI:
                 job = await anyio.to_thread.run_sync(
                     partial(desk.submit, job_id=_job_id_for(request_id)),
                     principal.user_id,
+                    services.tiers.named(principal.tier),
                     body.text,
                     None,
-                    spec.name,
+                    spec,
                     body.style,
                     max_output,
                 )

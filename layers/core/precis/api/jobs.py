@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse, Response
 
 from precis.api.sse import EventStreamResponse
 from precis.domain.errors import InvalidInputError, NotFoundError, RateLimitedError
+from precis.domain.inference import chunk_budget, job_token_estimate
 from precis.domain.jobs import Job, check_inbox_key, document_key_for_job, is_job_id, new_job_id
 from precis.domain.models import (
     DoneEvent,
@@ -28,7 +29,10 @@ from precis.domain.models import (
     ProgressEvent,
     Style,
     TokenEvent,
+    Usage,
 )
+from precis.domain.pipeline import job_usage
+from precis.domain.tokens import count_tokens
 from precis.observability import logger
 from precis.settings import Settings
 
@@ -36,9 +40,12 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
     from precis.adapters.jobs import JobStore
+    from precis.adapters.quotas import QuotaStore
     from precis.adapters.s3 import DocumentStore
     from precis.adapters.stepfunctions import Executions
     from precis.api.app import Services
+    from precis.domain.catalog import ModelSpec
+    from precis.domain.tiers import Tier
 
 
 class JobRequest(BaseModel):
@@ -89,28 +96,45 @@ class JobDesk:
 
         return boto3.client("sqs")
 
+    @cached_property
+    def quotas(self) -> QuotaStore:
+        from precis.adapters.quotas import QuotaStore
+        from precis.wiring import dynamodb_resource
+
+        return QuotaStore(dynamodb_resource().Table(self.settings.quotas_table))
+
     def submit(
         self,
         owner: str,
+        tier: Tier,
         text: str | None,
         document_key: str | None,
-        model: str,
+        spec: ModelSpec,
         style: Style,
         max_output_tokens: int,
         *,
         job_id: str | None = None,
     ) -> Job:
-        """Store the document (when inline), record the job and queue it; on any failure undo what
-        was written, so a rejected job leaves nothing behind."""
+        """Admit the job against its owner's tier (a job slot and its worst-case tokens, settled
+        when the job ends), store the document (when inline), record the job and queue it; on any
+        failure undo what was done, so a rejected job leaves nothing behind."""
         self._refuse_when_backed_up()
         job_id = job_id or new_job_id()
         key = document_key or document_key_for_job(job_id)
-        written: list[Callable[[], None]] = []
+        if text is not None:
+            document_tokens = count_tokens(text)
+        else:
+            head = self.documents.head(key)
+            document_tokens = (head[0] if head else 0) // 3  # a few bytes a token: an upper estimate
+        chunk_tokens, _ = chunk_budget(spec.info, style, max_output_tokens)
+        estimate = job_token_estimate(document_tokens, chunk_tokens, style, max_output_tokens)
+        reservation = self.quotas.reserve(owner, tier, estimate, "jobs")
+        written: list[Callable[[], None]] = [lambda: self.quotas.settle(reservation, Usage())]
         try:
             if text is not None:
                 self.documents.write_text(key, text)
                 written.append(lambda: self.documents.delete(key))
-            self.jobs.create(job_id, owner, key, model, style, max_output_tokens)
+            self.jobs.create(job_id, owner, key, spec.name, style, max_output_tokens, reservation=reservation)
             written.append(lambda: self.jobs.delete(job_id))
             self.queue.send_message(QueueUrl=self.settings.ingest_queue_url, MessageBody=json.dumps({"job_id": job_id}))
         except BaseException:
@@ -139,9 +163,12 @@ class JobDesk:
             )
 
     def cancel(self, job_id: str, owner: str) -> Job:
-        job = self.jobs.cancel(job_id, owner)
-        if job.status == "cancelled" and job.execution_arn:
-            self.executions.stop(job.execution_arn, "cancelled by its owner")
+        job, cancelled_now = self.jobs.cancel(job_id, owner)
+        if cancelled_now:
+            if job.execution_arn:
+                self.executions.stop(job.execution_arn, "cancelled by its owner")
+            if job.reservation is not None:  # charged for what it used until now
+                self.quotas.settle(job.reservation, job_usage(job, self.documents))
         return job
 
 
@@ -226,7 +253,14 @@ def install(app: FastAPI, services: Services, desk: JobDesk, parse: Callable[...
                 raise InvalidInputError(f"no object at {body.s3_uri[:200]}")
         spec, max_output, _ = services.resolve_model(body.model, body.max_output_tokens, principal)
         job = await anyio.to_thread.run_sync(
-            desk.submit, principal.user_id, body.text, key, spec.name, body.style, max_output
+            desk.submit,
+            principal.user_id,
+            services.tiers.named(principal.tier),
+            body.text,
+            key,
+            spec,
+            body.style,
+            max_output,
         )
         logger.info("job submitted", extra={"correlation_id": job.job_id})
         return accepted(job)

@@ -115,3 +115,12 @@ def worst_case_tokens(plan: ChunkPlan, style: Style, max_output_tokens: int) -> 
     mapped = sum(chunk.tokens + scaffold + MAP_OUTPUT_TOKENS for chunk in plan.chunks)
     combined = len(plan.chunks) * MAP_OUTPUT_TOKENS + scaffold + max_output_tokens
     return mapped + combined
+
+
+def job_token_estimate(document_tokens: int, chunk_tokens: int, style: Style, max_output_tokens: int) -> int:
+    """`worst_case_tokens` for a document not yet chunked: every chunk's call, the combining call."""
+    chunks = max(1, -(-document_tokens // max(1, chunk_tokens - 200)))
+    scaffold = scaffold_tokens(style, max_output_tokens)
+    if chunks == 1:
+        return document_tokens + scaffold + max_output_tokens
+    return document_tokens + chunks * (2 * scaffold + 2 * MAP_OUTPUT_TOKENS + 200) + max_output_tokens

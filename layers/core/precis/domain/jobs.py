@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from precis.domain.admission import Reservation
 from precis.domain.errors import InvalidInputError
 from precis.domain.models import FinishReason, Frozen, Style, Usage
 
@@ -52,6 +53,8 @@ class Job(Frozen):
     summary_key: str | None = None
     markdown_key: str | None = None
     execution_arn: str | None = Field(default=None, exclude=True)
+    #: What the job holds of its owner's tier budgets until it ends (None for S3 drops).
+    reservation: Reservation | None = Field(default=None, exclude=True)
     created_at: float
     updated_at: float
 

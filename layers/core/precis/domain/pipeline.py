@@ -17,6 +17,7 @@ from urllib.parse import unquote_plus
 
 import anyio
 
+from precis.domain.admission import Admission
 from precis.domain.catalog import Catalog
 from precis.domain.chunking import plan_chunks
 from precis.domain.errors import InputTooLargeError, InvalidDocumentError, InvalidInputError, PrecisError
@@ -165,7 +166,9 @@ class JobPipeline:
         max_document_bytes: int,
         checkpoint_interval_s: float = 1.0,
         catalog: Catalog | None = None,
+        admission: Admission | None = None,
     ) -> None:
+        self.admission = admission
         self.jobs = jobs
         self.documents = documents
         self.providers = providers
@@ -300,7 +303,8 @@ class JobPipeline:
             f"# Summary of {job.document_key}\n\n{summary.text}\n",
             content_type="text/markdown; charset=utf-8",
         )
-        self.jobs.succeed(job_id, summary.text, finish, usage, cost, json_key, markdown_key)
+        if self.jobs.succeed(job_id, summary.text, finish, usage, cost, json_key, markdown_key):
+            self._settle(job, usage)
         return json_key
 
     # Record The Failure -----------------------------------------------------------------------
@@ -322,21 +326,19 @@ class JobPipeline:
             retryable=known.retryable if known else False,
         )
         usage = self.usage(job)
-        self.jobs.fail(job_id, failure, usage, self.catalog.resolve(job.model).info.price.cost(usage))
+        if self.jobs.fail(job_id, failure, usage, self.catalog.resolve(job.model).info.price.cost(usage)):
+            self._settle(job, usage)
+
+    def _settle(self, job: Job, usage: Usage) -> None:
+        """The job's end, reached once (the transition that got here was conditional): its owner's
+        budgets count what it used instead of what it reserved."""
+        if self.admission is not None and job.reservation is not None:
+            self.admission.settle(job.reservation, usage)
 
     # Accounting -------------------------------------------------------------------------------
 
     def usage(self, job: Job) -> Usage:
-        """Everything the job's model calls used, from what the stages stored: each counted once."""
-        total = Usage()
-        for index in range(job.chunks_total):
-            stored = self.documents.read_json(_usage_key(job.job_id, f"chunk-{index:05d}"))
-            if stored is not None:
-                total += Usage.model_validate(stored)
-        combined = self.documents.read_json(_usage_key(job.job_id, "combine"))
-        if combined is not None:
-            total += Usage.model_validate(combined)
-        return total
+        return job_usage(job, self.documents)
 
     def _charge(self, job_id: str, call: str, used: list[Usage]) -> None:
         """Add what a stage's model calls used to its tally in S3 (attempts of a stage run one after
@@ -354,6 +356,17 @@ class JobPipeline:
             raise InvalidDocumentError(f"chunk {index} of job {job_id} has no summary")
         result: dict[str, Any] = stored
         return result
+
+
+def job_usage(job: Job, documents: Documents) -> Usage:
+    """Everything a job's model calls used, from what its stages stored: each counted once."""
+    total = Usage()
+    calls = [f"chunk-{index:05d}" for index in range(job.chunks_total)] + ["combine"]
+    for call in calls:
+        stored = documents.read_json(_usage_key(job.job_id, call))
+        if stored is not None:
+            total += Usage.model_validate(stored)
+    return total
 
 
 def _usage_key(job_id: str, call: str) -> str:
