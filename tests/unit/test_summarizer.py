@@ -231,3 +231,18 @@ async def test_consumer_gone_before_meta_still_records_and_settles() -> None:
     [outcome] = journal.finished
     assert outcome.disconnected and outcome.summary.finish_reason is FinishReason.CANCELLED
     assert settled == [Usage()], "nothing was used, so everything reserved is refunded"
+
+
+async def test_a_call_failing_before_any_token_is_retried_and_every_attempt_is_charged() -> None:
+    events, outcome, _ = await run(make_task(DOC + " Retry me.", model="local?fail_first=2"))
+    assert events[-1].event == "done" and not any(e.event == "error" for e in events)
+    assert outcome.summary.finish_reason is FinishReason.STOP
+    single = (await run(make_task(DOC + " Retry me.")))[1].usage
+    assert outcome.usage.input_tokens == 3 * single.input_tokens, "two failed attempts and the good one"
+    assert outcome.usage.output_tokens == single.output_tokens
+
+
+async def test_a_call_failing_after_tokens_is_not_retried() -> None:
+    events, outcome, _ = await run(make_task(DOC, model="local?fail_after=3"))
+    assert [e.event for e in events].count("token") == 3 and events[-2].event == "error"
+    assert outcome.summary.finish_reason is FinishReason.ERROR

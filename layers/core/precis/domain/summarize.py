@@ -38,6 +38,7 @@ from precis.domain.models import (
 from precis.domain.ports import ProviderResolver, RequestJournal, Telemetry
 from precis.domain.postprocess import postprocess
 from precis.domain.prompts import chunk_prompt, summary_prompt
+from precis.domain.retry import RetryBudget, RetryPolicy, with_retries
 
 Emit = Callable[[StreamEvent], Awaitable[None]]
 
@@ -115,6 +116,7 @@ class Summarizer:
         cancels: CancelWatch,
         *,
         admission: Admission | None = None,
+        retry_policy: RetryPolicy | None = None,
         map_concurrency: int = 4,
         checkpoint_interval_s: float = 1.0,
     ) -> None:
@@ -123,6 +125,9 @@ class Summarizer:
         self.telemetry = telemetry
         self.cancels = cancels
         self.admission = admission
+        self.retry_policy = retry_policy or RetryPolicy()
+        # Per user: one user's failures never spend another user's retries.
+        self._budgets: dict[str, RetryBudget] = {}
         self.map_concurrency = map_concurrency
         self.checkpoint_interval_s = checkpoint_interval_s
 
@@ -231,7 +236,7 @@ class Summarizer:
             draft.parts.append(text)
             await emit(TokenEvent(text=text, index=len(draft.parts) - 1))
 
-        _, finish = await self._call(task.model, final, task.max_output_tokens, draft, stream_token)
+        _, finish = await self._call(task, final, task.max_output_tokens, draft, stream_token)
         timings["infer"] = _ms(mark)
         return finish
 
@@ -249,7 +254,7 @@ class Summarizer:
                 async with limiter:
                     prompt = chunk_prompt(chunks[index].text, index, len(chunks), max_tokens)
                     try:
-                        summaries[index], _ = await self._call(task.model, prompt, max_tokens, draft)
+                        summaries[index], _ = await self._call(task, prompt, max_tokens, draft)
                     except ModelError as exc:
                         failures.append(exc)
                         tg.cancel_scope.cancel()
@@ -265,7 +270,7 @@ class Summarizer:
 
     async def _reduce(self, task: SummaryTask, draft: _Draft, emit: Emit, summaries: list[str]) -> Prompt:
         async def summarize(prompt: Prompt, max_tokens: int) -> str:
-            text, _ = await self._call(task.model, prompt, max_tokens, draft)
+            text, _ = await self._call(task, prompt, max_tokens, draft)
             return text
 
         async def progress(done: int, total: int) -> None:
@@ -277,13 +282,15 @@ class Summarizer:
 
     async def _call(
         self,
-        model: ModelSpec,
+        task: SummaryTask,
         prompt: Prompt,
         max_output_tokens: int,
         draft: _Draft,
         on_text: Callable[[str], Awaitable[None]] | None = None,
     ) -> tuple[str, FinishReason]:
-        """One model call, its usage added to the draft however it ends."""
+        """One model call, its usage added to the draft however it ends (every attempt's). A call
+        that fails transiently before any text is retried, within the caller's own retry budget."""
+        provider = self.providers.build(task.model)
         received = 0
 
         async def count(text: str) -> None:
@@ -293,11 +300,18 @@ class Summarizer:
             if on_text is not None:
                 await on_text(text)
 
-        def settle(usage: Usage) -> None:
-            draft.in_flight_tokens -= received
-            draft.usage += usage
+        async def attempt() -> tuple[str, FinishReason]:
+            nonlocal received
+            received = 0
 
-        return await call_model(self.providers.build(model), prompt, max_output_tokens, on_usage=settle, on_text=count)
+            def settle(usage: Usage) -> None:
+                draft.in_flight_tokens -= received
+                draft.usage += usage
+
+            return await call_model(provider, prompt, max_output_tokens, on_usage=settle, on_text=count)
+
+        budget = self._budgets.setdefault(task.user_id, RetryBudget(self.retry_policy))
+        return await with_retries(attempt, self.retry_policy, budget, retryable=lambda _: received == 0)
 
     def _outcome(
         self,
