@@ -127,6 +127,7 @@ async def test_http_429_raises_throttled_with_retry_after_and_the_upstream_messa
         await drain(stream(model_for(fake.base_url)), received)
     assert received == []
     assert "retry after 7 s" in raised.value.message
+    assert raised.value.retry_after_s == 7.0, "the retry loop waits at least this long"
     assert "Rate limit reached for requests" in raised.value.message
 
 

@@ -42,8 +42,7 @@ async def test_transient_failures_are_retried_with_full_jitter_backoff() -> None
 
 
 async def test_upstream_retry_after_is_respected() -> None:
-    throttled = ModelThrottledError("slow down")
-    throttled.retry_after_s = 2  # type: ignore[attr-defined]
+    throttled = ModelThrottledError("slow down", retry_after_s=2)
     sleeps = Sleeps()
     await with_retries(Flaky([throttled]), POLICY, RetryBudget(POLICY), sleep=sleeps, rand=lambda: 0.0)
     assert sleeps.waits == [2.0]

@@ -66,13 +66,15 @@ class ConflictError(PrecisError):
 
 
 class ModelError(PrecisError):
-    """The model call failed. `usage` is what the provider had consumed when it failed, if known."""
+    """The model call failed. `usage` is what the provider had consumed when it failed, if known;
+    `retry_after_s`, when the upstream said how long to wait before trying again."""
 
     status = 502
 
-    def __init__(self, message: str, *, usage: Usage | None = None) -> None:
+    def __init__(self, message: str, *, usage: Usage | None = None, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.usage = usage
+        self.retry_after_s = retry_after_s
 
 
 class TransientModelError(ModelError):

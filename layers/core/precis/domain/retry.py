@@ -85,6 +85,6 @@ async def with_retries(
             last = number == policy.max_attempts - 1
             if last or not retryable(exc) or not budget.try_spend():
                 raise
-            wait = max(policy.delay(number, rand), float(getattr(exc, "retry_after_s", 0) or 0))
+            wait = max(policy.delay(number, rand), exc.retry_after_s or 0.0)
             await sleep(min(wait, policy.max_delay_s))
     raise AssertionError("unreachable")

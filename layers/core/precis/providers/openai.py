@@ -70,7 +70,8 @@ async def _http_error(response: httpx.Response) -> ModelError:
     kind = _ERRORS_BY_STATUS.get(status) or (TransientModelError if status >= 500 else PermanentModelError)
     retry_after = response.headers.get("retry-after")
     hint = f" (retry after {retry_after} s)" if retry_after else ""
-    return kind(f"OpenAI-compatible endpoint answered {status}{hint}: {_upstream_message(body)}")
+    wait = float(retry_after) if retry_after and retry_after.replace(".", "", 1).isdigit() else None
+    return kind(f"OpenAI-compatible endpoint answered {status}{hint}: {_upstream_message(body)}", retry_after_s=wait)
 
 
 class _EventData:
