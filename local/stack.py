@@ -589,10 +589,7 @@ class LocalStack:
         return env
 
     def _register_dev_key(self) -> None:
-        from precis.adapters.dynamodb import KeyStore
-
-        table = boto3.resource("dynamodb", region_name=REGION).Table(self.template.physical["KeysTable"])
-        KeyStore(table).add(self.api_key, user_id="dev", tier="enterprise")
+        self.add_key(self.api_key, user_id="dev", tier="enterprise")
 
     def add_key(self, api_key: str, user_id: str, tier: str = "free") -> None:
         from precis.adapters.dynamodb import KeyStore

@@ -328,15 +328,13 @@ def create_app(services: Services) -> FastAPI:
     @app.get("/v1/requests/{request_id}")
     async def get_request(request_id: str, authorization: Annotated[str | None, Header()] = None) -> dict[str, Any]:
         principal = await services.authenticate(authorization)
-        record = await _find(services, request_id, principal)
+        record = await anyio.to_thread.run_sync(services.requests.get, _known(request_id), principal.user_id)
         return record.model_dump(mode="json")
 
     @app.post("/v1/requests/{request_id}/cancel")
     async def cancel_request(request_id: str, authorization: Annotated[str | None, Header()] = None) -> JSONResponse:
         principal = await services.authenticate(authorization)
-        if not _REQUEST_ID.match(request_id):
-            raise NotFoundError(f"no request {request_id[:64]!r}")
-        record = await anyio.to_thread.run_sync(services.requests.request_cancel, request_id, principal.user_id)
+        record = await anyio.to_thread.run_sync(services.requests.request_cancel, _known(request_id), principal.user_id)
         logger.info("cancel requested", extra={"correlation_id": request_id, "status": record.status})
         if record.status == "in_progress":
             return JSONResponse({"request_id": request_id, "status": "cancelling"}, status_code=202)
@@ -362,10 +360,11 @@ def _job_id_for(request_id: str) -> str:
     return "job_" + request_id.removeprefix("req_")
 
 
-async def _find(services: Services, request_id: str, principal: Principal) -> RequestRecord:
+def _known(request_id: str) -> str:
+    """A request id of the right shape; anything else is as unknown as a missing one (404)."""
     if not _REQUEST_ID.match(request_id):
         raise NotFoundError(f"no request {request_id[:64]!r}")
-    return await anyio.to_thread.run_sync(services.requests.get, request_id, principal.user_id)
+    return request_id
 
 
 async def _prepare(
