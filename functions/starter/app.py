@@ -18,7 +18,6 @@ from precis.settings import Settings
 from precis.wiring import build_intake
 
 intake = build_intake(Settings.from_env())
-processor = BatchProcessor(event_type=EventType.SQS)
 
 
 def record_handler(record: SQSRecord) -> None:
@@ -31,4 +30,8 @@ def record_handler(record: SQSRecord) -> None:
 
 @logger.inject_lambda_context
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    # A processor per invocation: it keeps the batch's successes and failures as state, and the local
+    # stack runs concurrent invocations in one process (Lambda gives each its own sandbox), where a
+    # shared one mixes two batches' results and dead-letters good messages with the poison ones.
+    processor = BatchProcessor(event_type=EventType.SQS)
     return process_partial_response(event=event, record_handler=record_handler, processor=processor, context=context)

@@ -131,3 +131,18 @@ def test_a_cancelled_job_frees_its_slot(stack: LocalStack) -> None:
     now = datetime.now(UTC)
     assert quotas(stack).usage(user, now.strftime("%Y%m%d%H%M"), now.strftime("%Y%m%d"))["jobs_in_flight"] == 0
     assert client.post("/v1/jobs", json={"text": DOCUMENT}).status_code == 202
+
+
+def test_a_tiers_context_allocation_bounds_every_call_of_streams_and_jobs(stack: LocalStack) -> None:
+    document = " ".join(f"Sentence {i} tells how the depot became a library over many seasons." for i in range(300))
+    _, roomy = user_in(stack, "pro")  # context_tokens 32,000: the local model's 8,192 window decides
+    _, tight = user_in(stack, "small-context")  # context_tokens 1,500
+    json_mode = {"accept": "application/json"}
+    wide = roomy.post("/v1/summarize", json={"text": document}, headers=json_mode).json()
+    narrow = tight.post("/v1/summarize", json={"text": document}, headers=json_mode).json()
+    assert wide["chunks"] == 1 and narrow["chunks"] >= 3, (wide["chunks"], narrow["chunks"])
+    assert narrow["finish_reason"] == "stop" and narrow["summary"]
+
+    job = tight.post("/v1/jobs", json={"text": document}).json()
+    done = wait_for(lambda: (j := tight.get(f"/v1/jobs/{job['job_id']}").json())["status"] == "succeeded" and j, 60)
+    assert done["chunks_total"] == narrow["chunks"], "a job is chunked by the same allocation"

@@ -21,7 +21,7 @@ TIER = Tier(
     max_output_tokens=500,
     max_concurrent_streams=2,
     max_concurrent_jobs=1,
-    context_tokens=1_000,
+    context_tokens=2_000,
 )
 
 
@@ -87,3 +87,25 @@ def test_a_request_larger_than_the_whole_budget_is_too_large_not_rate_limited(ta
     with pytest.raises(InputTooLargeError):
         store(tables).reserve("erin", TIER, 1_001, "streams", now=NOW)
     assert tables["QuotasTable"].scan(Select="COUNT")["Count"] == 0
+
+
+def test_a_spent_minute_is_refused_without_a_write_until_the_minute_or_the_limit_changes(
+    tables: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    quotas = store(tables)
+    for _ in range(TIER.requests_per_minute):
+        quotas.settle(quotas.reserve("fay", TIER, 10, "streams", now=NOW), Usage(input_tokens=10))
+    writes: list[dict[str, Any]] = []
+    transact = quotas.client.transact_write_items
+    monkeypatch.setattr(quotas.client, "transact_write_items", lambda **kw: writes.append(kw) or transact(**kw))
+    refusals = []
+    for second in range(3):  # the first refusal asks the table; the others know the answer
+        with pytest.raises(RateLimitedError) as refused:
+            quotas.reserve("fay", TIER, 10, "streams", now=NOW + second)
+        refusals.append((refused.value.limit, refused.value.retry_after_s))
+    assert refusals == [("requests_per_minute", 40), ("requests_per_minute", 39), ("requests_per_minute", 38)]
+    assert len(writes) == 1
+    raised = quotas.reserve("fay", TIER.model_copy(update={"requests_per_minute": 4}), 10, "streams", now=NOW + 3)
+    quotas.reserve("fay", TIER, 10, "streams", now=NOW + 60)  # the next minute
+    assert len(writes) == 3
+    assert quotas.usage("fay", raised.minute, raised.day)["requests_this_minute"] == 4

@@ -4,6 +4,7 @@ against moto (in-process) with every resource of template.yaml."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,11 @@ from moto import mock_aws
 
 from local.cloud import LambdaContext
 from local.stack import Template, create_resources
+from precis.adapters.breakers import BreakerTable
 from precis.adapters.jobs import JobStore
+from precis.domain.errors import CircuitOpenError
 from precis.domain.models import Style
+from precis.settings import Settings
 from tests.support.functions import load_function
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -111,6 +115,19 @@ def test_a_stage_run_twice_neither_calls_the_model_again_nor_charges_twice(cloud
     )
     idempotency = boto3.resource("dynamodb").Table(cloud.physical["IdempotencyTable"]).scan()["Items"]
     assert len(idempotency) == len(chunks), "one Powertools idempotency record per chunk"
+
+
+def test_a_chunk_stage_fails_fast_while_the_models_circuit_is_open(cloud: Template) -> None:
+    seed_job(cloud, SAMPLE * 20)
+    chunks = handler("preprocess")(event("preprocess-job"), context("preprocess"))["chunks"]
+    breakers = BreakerTable(boto3.resource("dynamodb").Table(cloud.physical["QuotasTable"]))
+    policy = Settings.from_env().breaker_policy()
+    for failure in range(policy.failures_to_open):  # the job's model failed for other users
+        breakers.record_failure("local", f"user-{failure % 2}", time.time(), policy)
+    with pytest.raises(CircuitOpenError):  # Step Functions retries it (statemachine/: CircuitOpenError)
+        handler("summarize_chunk")({**event("summarize_chunk-chunk"), "index": chunks[0]}, context("chunk"))
+    stored = boto3.client("s3").list_objects_v2(Bucket=cloud.physical["DocumentsBucket"], Prefix=f"work/{JOB}/")
+    assert not [o["Key"] for o in stored.get("Contents", []) if "/summaries/" in o["Key"] or "/usage/" in o["Key"]]
 
 
 def test_record_failure_sample_fails_the_job_with_a_structured_error(cloud: Template) -> None:

@@ -20,6 +20,7 @@ def outcome(finish: FinishReason, text: str = "Done.", error: ErrorInfo | None =
         request_id=REQUEST,
         user_id="alice",
         model="local",
+        model_name="local",
         tier="free",
         summary=Summary(text=text, style=Style.TLDR, finish_reason=finish),
         usage=Usage(input_tokens=120, output_tokens=9),

@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 import anyio
 import uvicorn
@@ -29,16 +29,27 @@ class BackgroundServer:
     """An ASGI app served by uvicorn on a free port of 127.0.0.1, in a daemon thread.
 
     Use it as a context manager: the server is accepting connections when `__enter__` returns and
-    is stopped (open connections dropped) by `__exit__`.
+    is stopped (open connections dropped) by `__exit__`. `lifespan="on"` runs the app's lifespan
+    (startup before the first request), as a real app such as the gateway needs.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, lifespan: Literal["on", "off"] = "off") -> None:
         # Bind here, not in uvicorn: port 0 gives a free port with no race between choosing and binding.
         self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._socket.bind(("127.0.0.1", 0))
         self.port: int = self._socket.getsockname()[1]
-        config = uvicorn.Config(app, interface="asgi3", lifespan="off", log_level="warning", access_log=False)
+        # With a lifespan, stop gracefully (so that the app's shutdown runs) but bounded: open streams
+        # are cancelled after a second.
+        config = uvicorn.Config(
+            app,
+            interface="asgi3",
+            lifespan=lifespan,
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=1 if lifespan == "on" else None,
+        )
+        self._lifespan = lifespan
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(
             target=self._server.run, kwargs={"sockets": [self._socket]}, name=f"fake-server-{self.port}", daemon=True
@@ -62,7 +73,7 @@ class BackgroundServer:
     ) -> None:
         # force_exit: do not wait for streams a test left open; they are cancelled with the loop.
         self._server.should_exit = True
-        self._server.force_exit = True
+        self._server.force_exit = self._lifespan == "off"
         self._thread.join(timeout=_STARTUP_TIMEOUT_S)
         self._socket.close()
 

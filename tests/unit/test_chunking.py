@@ -4,8 +4,10 @@ import pydoc_data.topics
 
 import pytest
 
+from precis.domain.catalog import Catalog
 from precis.domain.chunking import plan_chunks, sentence_spans
-from precis.domain.models import Document, TokenBudget
+from precis.domain.inference import chunk_budget
+from precis.domain.models import Document, Style, TokenBudget
 from precis.domain.tokens import count_tokens, token_pieces
 
 
@@ -87,3 +89,11 @@ def test_budget_leaves_the_document_what_instructions_and_answer_do_not_take() -
     assert budget.document_tokens == 8192 - 512 - 180
     with pytest.raises(ValueError, match="greater than 0"):
         TokenBudget(context_window=0, max_output_tokens=1, prompt_overhead=0)
+
+
+def test_a_tiers_context_allocation_caps_the_chunk_below_the_models_window() -> None:
+    model = Catalog.bundled().models["claude-3-haiku"]
+    window_only, _ = chunk_budget(model, Style.PARAGRAPH, 512)
+    capped, overlap = chunk_budget(model, Style.PARAGRAPH, 512, context_tokens=8_000)
+    assert window_only > 190_000 and capped < 8_000 and 0 < overlap <= capped // 10
+    assert chunk_budget(model, Style.PARAGRAPH, 512, context_tokens=10**9)[0] == window_only

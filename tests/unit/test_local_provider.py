@@ -6,7 +6,7 @@ import anyio
 import pytest
 
 from precis.domain.errors import InvalidInputError, ModelThrottledError, PermanentModelError, TransientModelError
-from precis.domain.models import Completion, Delta, FinishReason, Style
+from precis.domain.models import Completion, Delta, FinishReason, Prompt, Style
 from precis.domain.prompts import prompt_tokens, summary_prompt
 from precis.providers.local import LocalModel, extract
 
@@ -122,3 +122,56 @@ async def test_fail_if_fails_only_prompts_that_contain_the_marker() -> None:
     with pytest.raises(PermanentModelError):
         async for _event in model.stream(summary_prompt(DOC + " POISON here.", Style.TLDR, 100), max_output_tokens=100):
             pass
+
+
+async def first_event_or_failure(model: LocalModel, prompt: Prompt) -> str:
+    """How a call starts: "delta" (its first event is a token) or "failed" (transiently, before any)."""
+    stream = model.stream(prompt, max_output_tokens=100)
+    try:
+        first = await anext(stream)
+    except TransientModelError as exc:
+        usage = exc.usage  # type: ignore[attr-defined]
+        return "failed" if usage is not None and usage.output_tokens == 0 else f"failed with {usage}"
+    finally:
+        await stream.aclose()
+    return "delta" if isinstance(first, Delta) else type(first).__name__
+
+
+async def test_fail_rate_fails_that_share_of_calls_transiently_before_the_first_token() -> None:
+    prompt = summary_prompt(DOC, Style.TLDR, 100)
+    outcomes = [
+        await first_event_or_failure(LocalModel.from_options({"fail_rate": "0.3", "seed": "11"}), prompt)
+        for _ in range(1000)
+    ]
+    assert set(outcomes) == {"failed", "delta"}
+    assert 250 <= outcomes.count("failed") <= 350, outcomes.count("failed")
+    again = [
+        await first_event_or_failure(LocalModel.from_options({"fail_rate": "0.3", "seed": "12"}), prompt)
+        for _ in range(1000)
+    ]
+    assert again != outcomes, "each seed is its own sequence"
+
+
+async def test_fail_rate_draws_one_sequence_per_profile_so_a_seed_repeats_it() -> None:
+    from precis.providers import local
+
+    prompt = summary_prompt(DOC, Style.TLDR, 100)
+    options = {"fail_rate": "0.5", "seed": "3", "ttft_ms": "0"}
+    local._DRAWS.clear()
+    first = [await first_event_or_failure(LocalModel.from_options(options), prompt) for _ in range(40)]
+    local._DRAWS.clear()
+    second = [await first_event_or_failure(LocalModel.from_options(options), prompt) for _ in range(40)]
+    assert first == second and "failed" in first and "delta" in first
+
+
+async def test_fail_rate_zero_and_one_never_and_always_fail() -> None:
+    prompt = summary_prompt(DOC, Style.TLDR, 100)
+    never = [await first_event_or_failure(LocalModel.from_options({"fail_rate": "0"}), prompt) for _ in range(50)]
+    always = [await first_event_or_failure(LocalModel.from_options({"fail_rate": "1"}), prompt) for _ in range(50)]
+    assert set(never) == {"delta"} and set(always) == {"failed"}
+
+
+@pytest.mark.parametrize("rate", ["-0.1", "1.5", "often"])
+def test_fail_rate_outside_zero_to_one_is_rejected(rate: str) -> None:
+    with pytest.raises(InvalidInputError):
+        LocalModel.from_options({"fail_rate": rate})

@@ -34,11 +34,15 @@ pytestmark = pytest.mark.anyio
 class MemoryJournal:
     def __init__(self) -> None:
         self.checkpoints: list[tuple[str, int]] = []
+        self.final_inputs: dict[str, list[str]] = {}
         self.finished: list[Outcome] = []
         self.cancel_requested = False
 
     def checkpoint(self, request_id: str, text: str, output_tokens: int) -> None:
         self.checkpoints.append((text, output_tokens))
+
+    def save_final_inputs(self, request_id: str, summaries: list[str]) -> None:
+        self.final_inputs[request_id] = summaries
 
     def cancelled(self, request_ids: list[str]) -> set[str]:
         return set(request_ids) if self.cancel_requested else set()

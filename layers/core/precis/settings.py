@@ -7,6 +7,7 @@ from collections.abc import Mapping
 
 from pydantic import Field
 
+from precis.domain.breaker import BreakerPolicy
 from precis.domain.models import Frozen
 
 
@@ -46,6 +47,12 @@ class Settings(Frozen):
     map_concurrency: int = Field(default=4, gt=0)
     #: How often a stream persists its text so far (when it changed).
     checkpoint_interval_s: float = Field(default=1.0, gt=0)
+    #: A request still `in_progress` whose record has not been written for this long is reported
+    #: `interrupted` (the instance serving it is gone); a live stream rewrites it at least every third of this.
+    interrupted_after_s: float = Field(default=30.0, gt=0)
+    #: A model call that sends nothing (no token, no end) for this long fails as transient, so a hung
+    #: upstream is retried or ends the stream with `error` and `done` instead of holding it to its deadline.
+    model_idle_timeout_s: float = Field(default=60.0, gt=0)
     #: How often this process checks whether any of its streams was asked to cancel.
     cancel_poll_s: float = Field(default=0.25, gt=0)
     #: Seconds of silence after which the stream sends an SSE `: ping` comment.
@@ -53,10 +60,24 @@ class Settings(Frozen):
     request_ttl_days: int = Field(default=7, gt=0)
     #: How long a looked-up API key is trusted without asking DynamoDB again.
     key_cache_s: float = Field(default=60.0, ge=0)
+    #: A model's circuit opens after this many transient failures in `breaker_window_s`, from at
+    #: least `breaker_users` different users, for `breaker_open_s` (precis.domain.breaker).
+    breaker_failures: int = Field(default=5, ge=1)
+    breaker_users: int = Field(default=2, ge=1)
+    breaker_window_s: float = Field(default=30.0, gt=0)
+    breaker_open_s: float = Field(default=30.0, gt=0)
     bedrock_region: str | None = None
     bedrock_endpoint_url: str | None = None
     openai_base_url: str = "http://127.0.0.1:11434/v1"
     openai_api_key: str | None = None
+
+    def breaker_policy(self) -> BreakerPolicy:
+        return BreakerPolicy(
+            failures_to_open=self.breaker_failures,
+            users_to_open=self.breaker_users,
+            window_s=self.breaker_window_s,
+            open_s=self.breaker_open_s,
+        )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from precis.adapters.breakers import BreakerTable
 from precis.adapters.dynamodb import KeyStore, RequestStore
 from precis.adapters.jobs import JobStore
 from precis.adapters.quotas import QuotaStore
 from precis.adapters.s3 import DocumentStore
 from precis.adapters.stepfunctions import Executions
 from precis.api.app import Services
+from precis.domain.breaker import CircuitBreaker
 from precis.domain.cancellation import CancelWatch
 from precis.domain.pipeline import JobIntake, JobPipeline
 from precis.domain.summarize import Summarizer
@@ -31,8 +33,13 @@ def dynamodb_resource() -> Any:
 
 def build_services(settings: Settings, dynamodb: Any | None = None) -> Services:
     dynamodb = dynamodb if dynamodb is not None else dynamodb_resource()
-    requests = RequestStore(dynamodb.Table(settings.requests_table), ttl_days=settings.request_ttl_days)
+    requests = RequestStore(
+        dynamodb.Table(settings.requests_table),
+        ttl_days=settings.request_ttl_days,
+        interrupted_after_s=settings.interrupted_after_s,
+    )
     quotas = QuotaStore(dynamodb.Table(settings.quotas_table))
+    breaker = CircuitBreaker(BreakerTable(dynamodb.Table(settings.quotas_table)), settings.breaker_policy())
     providers = ProviderFactory(settings)
     return Services(
         settings=settings,
@@ -47,8 +54,12 @@ def build_services(settings: Settings, dynamodb: Any | None = None) -> Services:
             RequestTelemetry(),
             CancelWatch(requests, interval_s=settings.cancel_poll_s),
             admission=quotas,
+            breaker=breaker,
             map_concurrency=settings.map_concurrency,
             checkpoint_interval_s=settings.checkpoint_interval_s,
+            # Three beats per staleness period: one lost or slow write does not make a live stream look dead.
+            heartbeat_interval_s=settings.interrupted_after_s / 3,
+            model_idle_timeout_s=settings.model_idle_timeout_s,
         ),
     )
 
@@ -57,14 +68,18 @@ def build_pipeline(settings: Settings) -> JobPipeline:
     """The asynchronous path's stages, wired to S3, DynamoDB and the model providers."""
     import boto3
 
+    dynamodb = dynamodb_resource()
+    quotas_table = dynamodb.Table(settings.quotas_table)
     return JobPipeline(
-        JobStore(dynamodb_resource().Table(settings.jobs_table)),
+        JobStore(dynamodb.Table(settings.jobs_table)),
         DocumentStore(boto3.client("s3"), settings.documents_bucket),
         ProviderFactory(settings),
         max_input_tokens=settings.max_input_tokens,
         max_document_bytes=settings.max_document_bytes,
         checkpoint_interval_s=settings.checkpoint_interval_s,
-        admission=QuotaStore(dynamodb_resource().Table(settings.quotas_table)),
+        admission=QuotaStore(quotas_table),
+        model_idle_timeout_s=settings.model_idle_timeout_s,
+        breaker=CircuitBreaker(BreakerTable(quotas_table), settings.breaker_policy()),
     )
 
 

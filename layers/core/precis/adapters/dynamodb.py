@@ -1,7 +1,8 @@
 """DynamoDB adapters: API keys, request records (with the cancel flag and checkpoints) and idempotency keys.
 
 RequestsTable is keyed by `pk` and holds two kinds of item:
-- `request#<id>`: one streaming request: owner, status, text so far, usage, cost, timings;
+- `request#<id>`: one streaming request: owner, status, text so far, usage, cost, timings, and what
+  a resume (`resume_from`) needs: the document's SHA-256, the output budget, the final call's inputs;
 - `idempotency#<user>#<sha256(key)>`: which request an Idempotency-Key started, and a fingerprint of
   the body it came with.
 Both expire through the table's TTL attribute `expires_at`.
@@ -17,13 +18,15 @@ from typing import TYPE_CHECKING, Any, Literal
 from botocore.exceptions import ClientError
 from pydantic import Field
 
-from precis.domain.errors import ConflictError, InvalidInputError, NotFoundError
+from precis.domain.errors import ConflictError, InvalidInputError, NotFoundError, NotResumableError
 from precis.domain.models import FinishReason, Frozen, Usage
 
 if TYPE_CHECKING:
     from precis.domain.summarize import Outcome
 
-RequestStatus = Literal["in_progress", "completed", "cancelled", "failed"]
+#: `interrupted` is never stored: it is how a reader sees an `in_progress` record gone stale (see
+#: `RequestStore.interrupted_after_s`).
+RequestStatus = Literal["in_progress", "completed", "cancelled", "failed", "interrupted"]
 
 _STATUS: dict[FinishReason, RequestStatus] = {
     FinishReason.STOP: "completed",
@@ -37,6 +40,11 @@ _STATUS: dict[FinishReason, RequestStatus] = {
 def hash_key(api_key: str) -> str:
     """API keys are stored only as their SHA-256: a leaked table leaks no usable key."""
     return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+def document_sha256(text: str) -> str:
+    """What a request record keeps of its document: enough to tell that a resume sends the same one."""
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _conditional_failed(exc: ClientError) -> bool:
@@ -100,27 +108,57 @@ class RequestRecord(Frozen):
     latency_ms: dict[str, float] = Field(default_factory=dict)
     created_at: float
     updated_at: float
+    max_output_tokens: int | None = None
+    #: The request this one continued (`resume_from`).
+    resumed_from: str | None = None
+    #: For a resume: the document's SHA-256, and the final call's inputs once the map step is done.
+    document_sha256: str | None = Field(default=None, exclude=True)
+    final_inputs: tuple[str, ...] | None = Field(default=None, exclude=True)
 
 
 class RequestStore:
     """Request records, the cancel flag and idempotency keys (implements `RequestJournal`)."""
 
-    def __init__(self, table: Any, ttl_days: int = 7) -> None:
+    def __init__(self, table: Any, ttl_days: int = 7, interrupted_after_s: float | None = None) -> None:
         self.table = table
         self.ttl_s = ttl_days * 86_400
+        #: A record still `in_progress` that nobody wrote for this long is read as `interrupted`: a live
+        #: stream rewrites it more often (Summarizer.heartbeat_interval_s), so the instance serving it is
+        #: gone (a crash, a Lambda cut off) and nothing will finish it.
+        self.interrupted_after_s = interrupted_after_s
 
     # Lifecycle --------------------------------------------------------------------------------
 
     def create(self, request_id: str, user_id: str, model: str, style: str, input_tokens: int) -> None:
         self.table.meta.client.put_item(**self.creation(request_id, user_id, model, style, input_tokens))
 
-    def creation(self, request_id: str, user_id: str, model: str, style: str, input_tokens: int) -> dict[str, Any]:
+    def creation(
+        self,
+        request_id: str,
+        user_id: str,
+        model: str,
+        style: str,
+        input_tokens: int,
+        *,
+        document_sha256: str | None = None,
+        max_output_tokens: int | None = None,
+        resumed_from: str | None = None,
+        final_inputs: tuple[str, ...] | None = None,
+    ) -> dict[str, Any]:
         """The write that creates a request's record (a PutItem's arguments), so that admission can
-        make it part of its own transaction: admitted and recorded, or neither."""
+        make it part of its own transaction: admitted and recorded, or neither. A resume's record
+        starts with the final call's inputs of the request it continues (it may be resumed in turn)."""
         now = time.time()
+        resume = {
+            "document_sha256": document_sha256,
+            "max_output_tokens": max_output_tokens,
+            "resumed_from": resumed_from,
+            "final_inputs": None if final_inputs is None else list(final_inputs),
+        }
         return dict(
             TableName=self.table.name,
             Item={
+                **{k: v for k, v in resume.items() if v is not None},
                 "pk": f"request#{request_id}",
                 "request_id": request_id,
                 "user_id": user_id,
@@ -153,6 +191,19 @@ class RequestStore:
             )
         except ClientError as exc:
             if not _conditional_failed(exc):  # finished meanwhile: the final record wins
+                raise
+
+    def save_final_inputs(self, request_id: str, summaries: list[str]) -> None:
+        try:
+            self.table.update_item(
+                Key={"pk": f"request#{request_id}"},
+                UpdateExpression="SET final_inputs = :inputs",
+                ConditionExpression="attribute_exists(pk) AND #status = :running",
+                ExpressionAttributeNames={"#status": "status"},
+                ExpressionAttributeValues={":inputs": summaries, ":running": "in_progress"},
+            )
+        except ClientError as exc:
+            if not _conditional_failed(exc):
                 raise
 
     def cancelled(self, request_ids: list[str]) -> set[str]:
@@ -192,11 +243,13 @@ class RequestStore:
             ":latency": {k: Decimal(str(v)) for k, v in outcome.latency_ms.items()},
             ":error": None if outcome.error is None else outcome.error.model_dump(),
             ":now": Decimal(str(time.time())),
+            ":model": outcome.model,
         }
         self.table.update_item(
             Key={"pk": f"request#{outcome.request_id}"},
             UpdateExpression=(
                 "SET #status = :status, #text = :text, input_tokens = :input, output_tokens = :output, "
+                "model = :model, "
                 "cost_usd = :cost, finish_reason = :finish, #partial = :partial, latency_ms = :latency, "
                 "#error = :error, updated_at = :now"
             ),
@@ -220,14 +273,33 @@ class RequestStore:
             if not _conditional_failed(exc):
                 raise
             return self.get(request_id, user_id)
-        return self._record(item)
+        return self._as_read(self._record(item))  # an interrupted request has no stream left to cancel
 
     def get(self, request_id: str, user_id: str) -> RequestRecord:
         """The request, if it exists and belongs to `user_id`; anything else is NotFound."""
         item = self.table.get_item(Key={"pk": f"request#{request_id}"}, ConsistentRead=True).get("Item")
         if item is None or item["user_id"] != user_id:
             raise NotFoundError(f"no request {request_id!r}")
-        return self._record(item)
+        return self._as_read(self._record(item))
+
+    def _as_read(self, record: RequestRecord) -> RequestRecord:
+        """`record`, or when it is stale `interrupted` with its text so far (partial) and a retryable
+        error. Only the reading changes, nothing is written: a live stream's next write still wins."""
+        stale = self.interrupted_after_s is not None and time.time() - record.updated_at >= self.interrupted_after_s
+        if record.status != "in_progress" or not stale:
+            return record
+        return record.model_copy(
+            update={
+                "status": "interrupted",
+                "finish_reason": FinishReason.ERROR,
+                "partial": bool(record.text),
+                "error": RequestError(
+                    code="interrupted",
+                    message="the instance serving this request stopped before it finished; the text is what it saved",
+                    retryable=True,
+                ),
+            }
+        )
 
     @staticmethod
     def _record(item: dict[str, Any]) -> RequestRecord:
@@ -247,7 +319,28 @@ class RequestStore:
             latency_ms=item.get("latency_ms", {}),
             created_at=item["created_at"],
             updated_at=item["updated_at"],
+            max_output_tokens=item.get("max_output_tokens"),
+            resumed_from=item.get("resumed_from"),
+            document_sha256=item.get("document_sha256"),
+            final_inputs=item.get("final_inputs"),
         )
+
+    def resumable(self, request_id: str, user_id: str, document_sha256: str) -> RequestRecord:
+        """The request `resume_from` names, if this document can continue it: the caller's own (else
+        NotFound, as for an unknown id), created from the same text, and ended short of complete
+        (failed, timed out, cancelled or interrupted)."""
+        record = self.get(request_id, user_id)
+        if record.document_sha256 is None or record.max_output_tokens is None:
+            raise NotResumableError(f"request {request_id!r} was recorded before requests could be resumed")
+        if record.document_sha256 != document_sha256:
+            raise InvalidInputError(f"text: not the document of request {request_id!r}; send the same text to resume")
+        if record.status == "in_progress":
+            raise ConflictError(f"request {request_id!r} is still running; resume it once it has ended")
+        if record.status == "completed":
+            raise NotResumableError(
+                f"request {request_id!r} is complete (finish_reason {record.finish_reason}): there is nothing to resume"
+            )
+        return record
 
     # Idempotency ------------------------------------------------------------------------------
 

@@ -47,6 +47,7 @@ class JobStore:
         max_output_tokens: int,
         error: JobError | None = None,
         reservation: Reservation | None = None,
+        context_tokens: int | None = None,
     ) -> bool:
         """Create the job, queued (or already failed, with `error`); False if it exists already."""
         now = _now()
@@ -66,6 +67,8 @@ class JobStore:
             item["error"] = error.model_dump()
         if reservation is not None:
             item["reservation"] = reservation.model_dump()
+        if context_tokens is not None:
+            item["context_tokens"] = context_tokens
         try:
             self.table.put_item(Item=item, ConditionExpression="attribute_not_exists(job_id)")
         except ClientError as exc:
@@ -230,6 +233,7 @@ def _job(item: dict[str, Any]) -> Job:
         markdown_key=item.get("markdown_key"),
         execution_arn=item.get("execution_arn"),
         reservation=item.get("reservation"),
+        context_tokens=item.get("context_tokens"),
         created_at=item["created_at"],
         updated_at=item["updated_at"],
     )

@@ -8,6 +8,10 @@ One admission is one TransactWriteItems of conditional updates, all or nothing:
 When the transaction is cancelled, its CancellationReasons say which condition failed: that is the
 limit the 429 names. A lease carries its own expiry, so a gateway that crashed mid-stream cannot hold
 a slot forever: expired leases are swept when a slot is refused.
+
+A refusal costs the store one write; a client that keeps sending past its request budget would make
+it one write per request. Since a minute's request count never goes down, the store remembers whose
+minute is spent and refuses the rest of that minute without a round trip.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from precis.domain.tiers import Tier
 
 #: A lease outlives the longest stream (Lambda's 15 minutes) and then frees itself.
 LEASE_S = 900
+#: Spent minutes remembered before the stale ones are dropped.
+_SPENT_MINUTES_KEPT = 10_000
 _LIMITS = ("requests_per_minute", "tokens_per_minute", "tokens_per_day", "max_concurrent")
 
 
@@ -33,6 +39,8 @@ class QuotaStore:
     def __init__(self, table: Any) -> None:
         self.table = table
         self.client = table.meta.client
+        #: User -> (minute, the tier's requests_per_minute then) of a minute whose requests are spent.
+        self._spent_minutes: dict[str, tuple[str, int]] = {}
 
     def reserve(
         self,
@@ -60,6 +68,11 @@ class QuotaStore:
             slot=slot,
             lease=f"{int(now) + LEASE_S}:{secrets.token_hex(6)}",
         )
+        spent = (reservation.minute, tier.requests_per_minute)
+        if self._spent_minutes.get(user_id) == spent:
+            # The transaction would fail on the request count, which nothing lowers before the
+            # minute ends (a changed tier's new limit is asked for again).
+            raise self._rate_limited("requests_per_minute", tier, slot, moment)
         most = tier.max_concurrent_streams if slot == "streams" else tier.max_concurrent_jobs
         for attempt in range(2):
             try:
@@ -70,6 +83,8 @@ class QuotaStore:
                 limit = self._refused_limit(exc)
                 if limit == "max_concurrent" and attempt == 0 and self._sweep_expired(reservation, now):
                     continue  # a crashed holder's lease was freed: try once more
+                if limit == "requests_per_minute":
+                    self._remember_spent(user_id, spent)
                 raise self._rate_limited(limit, tier, slot, moment) from exc
         raise AssertionError("unreachable")
 
@@ -108,6 +123,12 @@ class QuotaStore:
         return found
 
     # ------------------------------------------------------------------------------------------
+
+    def _remember_spent(self, user_id: str, spent: tuple[str, int]) -> None:
+        if len(self._spent_minutes) >= _SPENT_MINUTES_KEPT:
+            minute = spent[0]
+            self._spent_minutes = {u: s for u, s in self._spent_minutes.items() if s[0] >= minute}
+        self._spent_minutes[user_id] = spent
 
     def _reserve_items(self, r: Reservation, tier: Tier, most: int, now: float) -> list[dict[str, Any]]:
         hour, two_days = int(now) + 3_600, int(now) + 2 * 86_400

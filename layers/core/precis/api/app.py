@@ -22,7 +22,7 @@ from fastapi import FastAPI, Header, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 from starlette.responses import JSONResponse, Response
 
-from precis.adapters.dynamodb import KeyStore, Principal, RequestRecord, RequestStore
+from precis.adapters.dynamodb import KeyStore, Principal, RequestRecord, RequestStore, document_sha256
 from precis.adapters.quotas import QuotaStore
 from precis.api import errors
 from precis.api import jobs as jobs_api
@@ -31,8 +31,9 @@ from precis.api.sse import EventStreamResponse
 from precis.domain.catalog import Catalog, ModelSpec
 from precis.domain.chunking import plan_chunks
 from precis.domain.errors import InputTooLargeError, InvalidInputError, NotFoundError, UnauthenticatedError
-from precis.domain.inference import chunk_budget, worst_case_tokens
+from precis.domain.inference import MAP_OUTPUT_TOKENS, chunk_budget
 from precis.domain.models import (
+    ChunkPlan,
     Document,
     DoneEvent,
     ErrorEvent,
@@ -43,6 +44,8 @@ from precis.domain.models import (
     Style,
     TokenEvent,
 )
+from precis.domain.prompts import scaffold_tokens
+from precis.domain.resume import Resumption, reserved_tokens
 from precis.domain.summarize import Summarizer, SummaryTask
 from precis.domain.tiers import Tiers
 from precis.domain.tokens import encoding
@@ -64,6 +67,11 @@ class SummarizeRequest(BaseModel):
     style: Style = Style.PARAGRAPH
     max_output_tokens: StrictInt | None = Field(default=None, ge=1, description="Defaults to the service's default.")
     model: StrictStr | None = Field(default=None, max_length=256, description="Catalog id, e.g. `local?ttft_ms=500`.")
+    resume_from: StrictStr | None = Field(
+        default=None,
+        max_length=64,
+        description="Continue this partial request (`req_...`) with the same `text`; only the new tokens are charged.",
+    )
 
 
 @dataclass
@@ -94,6 +102,26 @@ class Services:
                 f"max_output_tokens: at most {limit} for model {spec.info.id!r} in the {principal.tier} tier"
             )
         return spec, max_output, limits
+
+    def fallbacks(
+        self, tier: str, spec: ModelSpec, plan: ChunkPlan, style: Style, max_output: int
+    ) -> tuple[ModelSpec, ...]:
+        """The tier's fallback models that can stand in for `spec` on this request: of the same
+        provider, with the room for its largest call and its output budget."""
+        largest = plan.chunk_tokens if len(plan.chunks) > 1 else plan.total_tokens
+        needed = largest + scaffold_tokens(style, max_output) + max(max_output, MAP_OUTPUT_TOKENS)
+        chain = []
+        for name in self.tiers.named(tier).fallback_models:
+            fallback = self.catalog.resolve(name)
+            info = fallback.info
+            if (
+                fallback.name != spec.name
+                and info.provider == spec.info.provider
+                and info.context_window >= needed
+                and info.max_output_tokens >= max_output
+            ):
+                chain.append(fallback)
+        return tuple(chain)
 
     async def authenticate(self, authorization: str | None) -> Principal:
         scheme, _, api_key = (authorization or "").partition(" ")
@@ -133,6 +161,8 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         raise _BadRequest("invalid_json", f"the body is not valid JSON: {exc.msg} at line {exc.lineno}") from exc
     except RecursionError as exc:
         raise _BadRequest("invalid_json", "the body's JSON is nested too deeply") from exc
+    except ValueError as exc:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        raise _BadRequest("invalid_json", f"the body is not valid JSON: {exc}") from exc
 
 
 class _BadRequest(InvalidInputError):
@@ -175,6 +205,7 @@ def _replay_events(record: RequestRecord, tier: str, limits: Limits) -> list[Str
             tier=tier,
             limits=limits,
             replayed=True,
+            resumed_from=record.resumed_from,
         )
     ]
     if record.text:
@@ -189,6 +220,7 @@ def _replay_events(record: RequestRecord, tier: str, limits: Limits) -> list[Str
             latency_ms=record.latency_ms,
             partial=record.partial,
             summary=record.text,
+            model=record.model,
         )
     )
     return events
@@ -238,7 +270,7 @@ def create_app(services: Services) -> FastAPI:
         request: Request,
         authorization: Annotated[str | None, Header()] = None,
         accept: Annotated[str | None, Header()] = None,
-        idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+        idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
         lambda_context: Annotated[str | None, Header(alias="x-amzn-lambda-context")] = None,
     ) -> Response:
         principal = await services.authenticate(authorization)
@@ -246,6 +278,13 @@ def create_app(services: Services) -> FastAPI:
         body = validate_body(raw, SummarizeRequest)
         if not body.text.strip():
             raise InvalidInputError("text: the document is empty")
+        fingerprint_of_text = document_sha256(body.text)
+        resumed: RequestRecord | None = None
+        if body.resume_from is not None:
+            resumed = await anyio.to_thread.run_sync(
+                services.requests.resumable, _known(body.resume_from), principal.user_id, fingerprint_of_text
+            )
+            body = _resuming(body, resumed)
         spec, max_output, limits = services.resolve_model(body.model, body.max_output_tokens, principal)
         info = spec.info
         mode: Literal["sse", "json"] = "json" if _wants_json(accept) else "sse"
@@ -276,7 +315,10 @@ def create_app(services: Services) -> FastAPI:
 
         try:
             task = await _prepare(services, principal, body, spec, max_output, limits, request_id)
-            if task.document_tokens > settings.async_threshold_tokens:
+            if resumed is not None:
+                resume = Resumption(request_id=resumed.request_id, text=resumed.text, final_inputs=resumed.final_inputs)
+                task = task.model_copy(update={"resume": resume})
+            elif task.document_tokens > settings.async_threshold_tokens:
                 # Minutes of map-reduce do not belong in one streaming Lambda: hand over to the job
                 # path (its id derived from the request's, so an Idempotency-Key retry finds it).
                 job = await anyio.to_thread.run_sync(
@@ -292,13 +334,21 @@ def create_app(services: Services) -> FastAPI:
                 return accepted(job, handed_off=True)
             # Admitted and recorded in one transaction: over a limit, nothing is written.
             creation = services.requests.creation(
-                request_id, principal.user_id, info.id, body.style.value, task.document_tokens
+                request_id,
+                principal.user_id,
+                info.id,
+                body.style.value,
+                task.document_tokens,
+                document_sha256=fingerprint_of_text,
+                max_output_tokens=max_output,
+                resumed_from=body.resume_from,
+                final_inputs=None if task.resume is None else task.resume.final_inputs,
             )
             reservation = await anyio.to_thread.run_sync(
                 partial(services.quotas.reserve, record=creation),
                 principal.user_id,
                 services.tiers.named(principal.tier),
-                worst_case_tokens(task.plan, body.style, max_output),
+                reserved_tokens(task.plan, task.style, task.max_output_tokens, task.resume),
                 "streams",
             )
             task = task.model_copy(
@@ -356,6 +406,20 @@ def _time_left(settings: Settings, lambda_context: str | None) -> float:
     return max(limit, 0.0)
 
 
+def _resuming(body: SummarizeRequest, record: RequestRecord) -> SummarizeRequest:
+    """A resume runs with the style and output budget of the request it continues (its summary so
+    far was written for them), and unless it names another, with the model that served it."""
+    style, max_output = Style(record.style), record.max_output_tokens
+    if "style" in body.model_fields_set and body.style is not style:
+        raise InvalidInputError(f"style: the request being resumed is {style.value!r}; leave it out or send the same")
+    if body.max_output_tokens is not None and body.max_output_tokens != max_output:
+        raise InvalidInputError(
+            f"max_output_tokens: the request being resumed has {max_output}; leave it out or send the same"
+        )
+    model = body.model or record.model
+    return body.model_copy(update={"style": style, "max_output_tokens": max_output, "model": model})
+
+
 def _job_id_for(request_id: str) -> str:
     return "job_" + request_id.removeprefix("req_")
 
@@ -379,7 +443,7 @@ async def _prepare(
     """Preprocess: count and chunk the document against the model's budget (off the event loop:
     a 200k-token document takes a few hundred milliseconds to tokenize)."""
     started = time.monotonic()
-    chunk_tokens, overlap = chunk_budget(spec.info, body.style, max_output)
+    chunk_tokens, overlap = chunk_budget(spec.info, body.style, max_output, limits.context_tokens)
     plan = await anyio.to_thread.run_sync(plan_chunks, Document(text=body.text), chunk_tokens, overlap)
     if plan.total_tokens > limits.max_input_tokens:
         raise InputTooLargeError(f"the document has {plan.total_tokens} tokens; the limit is {limits.max_input_tokens}")
@@ -394,4 +458,5 @@ async def _prepare(
         limits=limits,
         document_tokens=plan.total_tokens,
         preprocess_ms=(time.monotonic() - started) * 1000,
+        fallbacks=services.fallbacks(principal.tier, spec, plan, body.style, max_output),
     )

@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response
 from precis.api.sse import EventStreamResponse
 from precis.domain.errors import InvalidInputError, NotFoundError, RateLimitedError
 from precis.domain.inference import chunk_budget, job_token_estimate
-from precis.domain.jobs import Job, check_inbox_key, document_key_for_job, is_job_id, new_job_id
+from precis.domain.jobs import Job, check_inbox_key, document_key_for_job, drop_owner, is_job_id, new_job_id
 from precis.domain.models import (
     DoneEvent,
     ErrorEvent,
@@ -126,7 +126,7 @@ class JobDesk:
         else:
             head = self.documents.head(key)
             document_tokens = (head[0] if head else 0) // 3  # a few bytes a token: an upper estimate
-        chunk_tokens, _ = chunk_budget(spec.info, style, max_output_tokens)
+        chunk_tokens, _ = chunk_budget(spec.info, style, max_output_tokens, tier.context_tokens)
         estimate = job_token_estimate(document_tokens, chunk_tokens, style, max_output_tokens)
         reservation = self.quotas.reserve(owner, tier, estimate, "jobs")
         written: list[Callable[[], None]] = [lambda: self.quotas.settle(reservation, Usage())]
@@ -134,7 +134,16 @@ class JobDesk:
             if text is not None:
                 self.documents.write_text(key, text)
                 written.append(lambda: self.documents.delete(key))
-            self.jobs.create(job_id, owner, key, spec.name, style, max_output_tokens, reservation=reservation)
+            self.jobs.create(
+                job_id,
+                owner,
+                key,
+                spec.name,
+                style,
+                max_output_tokens,
+                reservation=reservation,
+                context_tokens=tier.context_tokens,
+            )
             written.append(lambda: self.jobs.delete(job_id))
             self.queue.send_message(QueueUrl=self.settings.ingest_queue_url, MessageBody=json.dumps({"job_id": job_id}))
         except BaseException:
@@ -249,7 +258,10 @@ def install(app: FastAPI, services: Services, desk: JobDesk, parse: Callable[...
             if not body.s3_uri.startswith("s3://") or bucket != settings.documents_bucket:
                 raise InvalidInputError(f"s3_uri must name an object in s3://{settings.documents_bucket}/inbox/")
             check_inbox_key(key)
-            if await anyio.to_thread.run_sync(desk.documents.head, key) is None:
+            # Only the caller's own folder, inbox/<user id>/: anybody else's document is as absent
+            # as a missing one (the same answer, so that it does not confirm the object exists).
+            mine = drop_owner(key) == principal.user_id
+            if not mine or await anyio.to_thread.run_sync(desk.documents.head, key) is None:
                 raise InvalidInputError(f"no object at {body.s3_uri[:200]}")
         spec, max_output, _ = services.resolve_model(body.model, body.max_output_tokens, principal)
         job = await anyio.to_thread.run_sync(

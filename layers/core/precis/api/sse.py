@@ -48,10 +48,11 @@ def buffered_body(events: list[StreamEvent]) -> tuple[int, dict[str, Any]]:
     error = next((e for e in events if isinstance(e, ErrorEvent)), None)
     body: dict[str, Any] = {
         "request_id": meta.request_id,
-        "model": meta.model,
+        "model": done.model or meta.model,  # who served it: a fallback when the model asked for was down
         "tier": meta.tier,
         "chunks": meta.chunks,
         "replayed": meta.replayed,
+        "resumed_from": meta.resumed_from,
         "summary": done.summary,
         "finish_reason": done.finish_reason,
         "partial": done.partial,

@@ -62,6 +62,14 @@ class ConflictError(PrecisError):
     retryable = True
 
 
+class NotResumableError(ConflictError):
+    """`resume_from` names a request that has nothing to continue: it finished complete (or predates
+    resumable records). Retrying cannot help."""
+
+    code = "not_resumable"
+    retryable = False
+
+
 # Model ------------------------------------------------------------------------------------------
 
 
@@ -87,6 +95,11 @@ class TransientModelError(ModelError):
 
 class ModelThrottledError(TransientModelError):
     code = "model_throttled"
+
+
+class CircuitOpenError(TransientModelError):
+    """The model failed for several users lately: calls to it fail fast, without reaching it, until a
+    probe finds it well again (precis.domain.breaker)."""
 
 
 class PermanentModelError(ModelError):

@@ -8,7 +8,7 @@ from typing import Any
 import anyio
 
 from precis.domain.catalog import ModelInfo
-from precis.domain.errors import ModelError
+from precis.domain.errors import ModelError, TransientModelError
 from precis.domain.models import ChunkPlan, Completion, FinishReason, Prompt, Style, TokenBudget, Usage
 from precis.domain.ports import ModelProvider
 from precis.domain.prompts import combine_prompt, prompt_tokens, scaffold_tokens
@@ -18,15 +18,20 @@ from precis.domain.tokens import count_tokens
 MAP_OUTPUT_TOKENS = 384
 
 
-def chunk_budget(model: ModelInfo, style: Style, max_output_tokens: int) -> tuple[int, int]:
+def chunk_budget(
+    model: ModelInfo, style: Style, max_output_tokens: int, context_tokens: int | None = None
+) -> tuple[int, int]:
     """Chunk size and overlap, in tokens, so that any one call (chunk, combine or final) fits the
-    model's context window with its instructions and its answer."""
+    model's context window with its instructions and its answer, and sends at most `context_tokens`
+    of prompt (the caller's tier's allocation; a longer document is summarized in chunks)."""
     budget = TokenBudget(
         context_window=model.context_window,
         max_output_tokens=max(max_output_tokens, MAP_OUTPUT_TOKENS),
         prompt_overhead=scaffold_tokens(style, max_output_tokens) + 32,
     )
     chunk_tokens = budget.document_tokens
+    if context_tokens is not None:
+        chunk_tokens = min(chunk_tokens, context_tokens - budget.prompt_overhead)
     return chunk_tokens, min(200, chunk_tokens // 10)
 
 
@@ -37,17 +42,26 @@ async def call_model(
     *,
     on_usage: Callable[[Usage], None],
     on_text: Callable[[str], Awaitable[None]] | None = None,
+    idle_timeout_s: float | None = None,
 ) -> tuple[str, FinishReason]:
     """One model call. `on_usage` gets its usage however the call ends (success, failure or
     cancellation): the provider's report when there is one, else the prompt and the text received,
-    counted with cl100k_base."""
+    counted with cl100k_base. When the model sends nothing (no text, no end) for `idle_timeout_s`,
+    the call is given up as a `TransientModelError`, whatever the provider's own timeouts."""
     parts: list[str] = []
     counted: int | None = 0  # output tokens as the provider counted its deltas, while it does
     usage: Usage | None = None
     finish = FinishReason.STOP
     stream: Any = provider.stream(prompt, max_output_tokens=max_output_tokens)
     try:
-        async for event in stream:
+        while True:
+            # Only the wait for the model is timed, not `on_text` (a slow client is not a hung model).
+            with anyio.move_on_after(idle_timeout_s) as idle:
+                event = await anext(stream, None)
+            if idle.cancelled_caught:
+                raise TransientModelError(f"the model sent nothing for {idle_timeout_s:g} s")
+            if event is None:
+                break
             if isinstance(event, Completion):
                 usage, finish = event.usage, event.finish_reason
                 continue
@@ -78,6 +92,18 @@ async def reduce_to_prompt(
 ) -> Prompt:
     """The prompt that combines `summaries` into the final summary. When they are too long for one
     call (`room` tokens), they are summarized in groups first, as often as it takes."""
+    final_inputs = await reduce_summaries(summaries, room, summarize, on_progress)
+    return combine_prompt(final_inputs, style, max_output_tokens)
+
+
+async def reduce_summaries(
+    summaries: list[str],
+    room: int,
+    summarize: Callable[[Prompt, int], Awaitable[str]],
+    on_progress: Callable[[int, int], Awaitable[None]] | None = None,
+) -> list[str]:
+    """The final stage's inputs: `summaries` combined in groups (as often as it takes) until they
+    fit one call of `room` tokens; `combine_prompt` of them is the final prompt."""
     max_tokens = MAP_OUTPUT_TOKENS
     while count_tokens("\n\n".join(summaries)) > room and len(summaries) > 1:
         groups = group(summaries, room)
@@ -89,7 +115,7 @@ async def reduce_to_prompt(
             if on_progress is not None:
                 await on_progress(done, len(groups))
         summaries = combined
-    return combine_prompt(summaries, style, max_output_tokens)
+    return summaries
 
 
 def group(texts: list[str], room: int) -> list[list[str]]:

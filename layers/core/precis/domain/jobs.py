@@ -55,6 +55,8 @@ class Job(Frozen):
     execution_arn: str | None = Field(default=None, exclude=True)
     #: What the job holds of its owner's tier budgets until it ends (None for S3 drops).
     reservation: Reservation | None = Field(default=None, exclude=True)
+    #: The owner's tier's prompt allocation per call (None for S3 drops: the model's window).
+    context_tokens: int | None = Field(default=None, exclude=True)
     created_at: float
     updated_at: float
 

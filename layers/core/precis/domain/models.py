@@ -97,9 +97,15 @@ class Prompt(Frozen):
     instruction: str
     document: str
     style: Style
+    #: A continuation: the summary the answer must continue (the model's own earlier output, cut
+    #: short), delimited like the document and without padding, so that where it stops is exact.
+    summary_so_far: str = ""
 
     def user_message(self) -> str:
-        return f"{self.instruction}\n\n<document>\n{self.document}\n</document>"
+        message = f"{self.instruction}\n\n<document>\n{self.document}\n</document>"
+        if self.summary_so_far:
+            message += f"\n\n<summary_so_far>{self.summary_so_far}</summary_so_far>"
+        return message
 
 
 class Delta(Frozen):
@@ -133,6 +139,8 @@ class Limits(Frozen):
     tokens_per_day: int | None = None
     max_concurrent_streams: int | None = None
     max_concurrent_jobs: int | None = None
+    #: The most prompt one model call sends for this caller; longer documents are chunked.
+    context_tokens: int | None = None
 
 
 class MetaEvent(Frozen):
@@ -146,6 +154,8 @@ class MetaEvent(Frozen):
     queue_position: int = 0
     limits: Limits
     replayed: bool = False
+    #: The request this one continues (`resume_from`); its text is not streamed again.
+    resumed_from: str | None = None
 
 
 class ProgressEvent(Frozen):
@@ -177,6 +187,8 @@ class DoneEvent(Frozen):
     latency_ms: dict[str, float]
     partial: bool
     summary: str
+    #: The model that produced the answer: a fallback when the one asked for was unavailable.
+    model: str | None = None
 
 
 StreamEvent = Annotated[MetaEvent | ProgressEvent | TokenEvent | ErrorEvent | DoneEvent, Field(discriminator="event")]

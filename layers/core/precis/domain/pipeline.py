@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from decimal import Decimal
 from typing import Any, Protocol
 from urllib.parse import unquote_plus
@@ -18,9 +18,16 @@ from urllib.parse import unquote_plus
 import anyio
 
 from precis.domain.admission import Admission
-from precis.domain.catalog import Catalog
+from precis.domain.breaker import CircuitBreaker
+from precis.domain.catalog import Catalog, ModelSpec
 from precis.domain.chunking import plan_chunks
-from precis.domain.errors import InputTooLargeError, InvalidDocumentError, InvalidInputError, PrecisError
+from precis.domain.errors import (
+    InputTooLargeError,
+    InvalidDocumentError,
+    InvalidInputError,
+    PrecisError,
+    TransientModelError,
+)
 from precis.domain.inference import MAP_OUTPUT_TOKENS, call_model, chunk_budget, reduce_to_prompt
 from precis.domain.jobs import (
     Job,
@@ -167,8 +174,12 @@ class JobPipeline:
         checkpoint_interval_s: float = 1.0,
         catalog: Catalog | None = None,
         admission: Admission | None = None,
+        model_idle_timeout_s: float | None = None,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self.admission = admission
+        self.breaker = breaker
+        self.model_idle_timeout_s = model_idle_timeout_s
         self.jobs = jobs
         self.documents = documents
         self.providers = providers
@@ -176,6 +187,35 @@ class JobPipeline:
         self.max_document_bytes = max_document_bytes
         self.checkpoint_interval_s = checkpoint_interval_s
         self.catalog = catalog or Catalog.bundled()
+
+    async def _call(
+        self,
+        job: Job,
+        spec: ModelSpec,
+        prompt: Prompt,
+        max_output_tokens: int,
+        used: list[Usage],
+        on_text: Callable[[str], Awaitable[None]] | None = None,
+    ) -> tuple[str, FinishReason]:
+        """One model call of a job's stage, through the model's circuit breaker: while it is open the
+        stage fails fast with `CircuitOpenError`, which the state machine retries later."""
+        permit = None if self.breaker is None else self.breaker.admit(spec.name)
+        try:
+            result = await call_model(
+                self.providers.build(spec),
+                prompt,
+                max_output_tokens,
+                on_usage=used.append,
+                on_text=on_text,
+                idle_timeout_s=self.model_idle_timeout_s,
+            )
+        except TransientModelError:
+            if self.breaker is not None and permit is not None:
+                self.breaker.failed(permit, job.owner)
+            raise
+        if self.breaker is not None and permit is not None:
+            self.breaker.succeeded(permit)
+        return result
 
     def _job(self, job_id: str) -> Job:
         job = self.jobs.get(job_id)
@@ -189,7 +229,9 @@ class JobPipeline:
         """Load the document, cut it into chunks (each stored in S3) and return their indexes."""
         job = self._job(job_id)
         text = self.documents.read_text(job.document_key, self.max_document_bytes)
-        chunk_tokens, overlap = chunk_budget(self.catalog.resolve(job.model).info, job.style, job.max_output_tokens)
+        chunk_tokens, overlap = chunk_budget(
+            self.catalog.resolve(job.model).info, job.style, job.max_output_tokens, job.context_tokens
+        )
         plan = plan_chunks(Document(text=text), chunk_tokens, overlap)
         if plan.total_tokens > self.max_input_tokens:
             raise InputTooLargeError(
@@ -219,7 +261,7 @@ class JobPipeline:
             used: list[Usage] = []
 
             async def summarize() -> str:
-                text, _ = await call_model(self.providers.build(spec), prompt, MAP_OUTPUT_TOKENS, on_usage=used.append)
+                text, _ = await self._call(job, spec, prompt, MAP_OUTPUT_TOKENS, used)
                 return text
 
             try:
@@ -240,14 +282,12 @@ class JobPipeline:
         job = self._job(job_id)
         spec = self.catalog.resolve(job.model)
         summaries = [self._chunk_summary(job_id, i)["text"] for i in range(job.chunks_total)]
-        room, _ = chunk_budget(spec.info, job.style, job.max_output_tokens)
+        room, _ = chunk_budget(spec.info, job.style, job.max_output_tokens, job.context_tokens)
         used: list[Usage] = []
 
         async def combine() -> tuple[str, FinishReason]:
-            provider = self.providers.build(spec)
-
             async def summarize(prompt: Prompt, max_tokens: int) -> str:
-                text, _ = await call_model(provider, prompt, max_tokens, on_usage=used.append)
+                text, _ = await self._call(job, spec, prompt, max_tokens, used)
                 return text
 
             final = await reduce_to_prompt(summaries, job.style, job.max_output_tokens, room, summarize)
@@ -261,7 +301,7 @@ class JobPipeline:
                     last_checkpoint = time.monotonic()
                     await anyio.to_thread.run_sync(self.jobs.checkpoint, job_id, "".join(parts))
 
-            return await call_model(provider, final, job.max_output_tokens, on_usage=used.append, on_text=stream)
+            return await self._call(job, spec, final, job.max_output_tokens, used, on_text=stream)
 
         try:
             text, finish = anyio.run(combine)

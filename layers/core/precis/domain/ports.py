@@ -36,6 +36,11 @@ class RequestJournal(Protocol):
         """Persist the text so far of a running request."""
         ...
 
+    def save_final_inputs(self, request_id: str, summaries: list[str]) -> None:
+        """Keep the inputs of a running request's final call (the chunk summaries its combining
+        prompt is built from), so that a resume goes straight to that call."""
+        ...
+
     def finish(self, outcome: Outcome) -> None:
         """Record the final outcome (text, usage, cost, finish reason) exactly once."""
         ...

@@ -7,7 +7,8 @@ import re
 from precis.domain.models import FinishReason, Style, Summary
 
 _SENTENCE_END = re.compile(r"[.!?…。！？][\"'”’)\]]*(?=\s|$)")
-_BULLET = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+")
+#: A bullet's marker; a line cut right after it (a partial stream) has no space after it yet.
+_BULLET = re.compile(r"^\s*(?:[-*•]|\d+[.)])(?:\s+|$)")
 
 
 def _cut_dangling(text: str) -> str:
@@ -26,7 +27,8 @@ def postprocess(draft: str, style: Style, finish_reason: FinishReason) -> Summar
             lines = lines[:-1]
         elif finish_reason is FinishReason.LENGTH and lines:
             lines[-1] = _cut_dangling(lines[-1])
-        text = "\n".join("- " + _BULLET.sub("", line) for line in lines)
+        items = (_BULLET.sub("", line) for line in lines)
+        text = "\n".join("- " + item for item in items if item)  # a bare marker is no bullet
     else:
         text = re.sub(r"[ \t]+", " ", text)
         if style is Style.TLDR:

@@ -2,7 +2,8 @@
 
 The document goes between <document> tags in the user turn; the system prompt says that whatever is
 inside is material to summarize, never instructions. A document cannot close the delimiter early:
-any `</document` inside it is defanged.
+any `</document` inside it is defanged. A continuation (a resumed request) also carries the summary
+written so far, between <summary_so_far> tags, defanged the same way.
 """
 
 from __future__ import annotations
@@ -26,8 +27,15 @@ _STYLE = {
 }
 
 
+_TAGS = ("document", "summary_so_far")
+
+
 def _defang(text: str) -> str:
-    return text.replace("</document", "<\\/document").replace("<document", "<\\document")
+    """Neither delimiter can be opened or closed from inside the text. Idempotent: a summary that
+    quotes its (defanged) document is defanged again unchanged."""
+    for tag in _TAGS:
+        text = text.replace(f"</{tag}", f"<\\/{tag}").replace(f"<{tag}", f"<\\{tag}")
+    return text
 
 
 def _limit(max_output_tokens: int) -> str:
@@ -69,6 +77,24 @@ def combine_prompt(summaries: list[str], style: Style, max_output_tokens: int) -
         ),
         document=_defang(joined),
         style=style,
+    )
+
+
+def continuation_prompt(final: Prompt, summary_so_far: str) -> Prompt:
+    """A final prompt (`summary_prompt` or `combine_prompt`) once more, with the summary it had
+    produced before it was cut short: the answer continues that summary exactly where it stops,
+    without repeating it. The original length limit holds for the whole summary."""
+    return final.model_copy(
+        update={
+            "instruction": (
+                f"{final.instruction} The beginning of this summary is already written: it is between "
+                "<summary_so_far> and </summary_so_far> after the document. Continue it exactly where it "
+                "stops, as if you had written it and were not interrupted. Answer with the continuation "
+                "only (start with a space or a line break if one comes next), never repeat the beginning, "
+                "and keep the whole summary, the beginning included, within the length limit."
+            ),
+            "summary_so_far": _defang(summary_so_far),
+        }
     )
 
 

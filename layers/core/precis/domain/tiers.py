@@ -21,7 +21,10 @@ class Tier(Frozen):
     max_output_tokens: int = Field(gt=0)
     max_concurrent_streams: int = Field(gt=0)
     max_concurrent_jobs: int = Field(gt=0)
-    context_tokens: int = Field(gt=0)
+    context_tokens: int = Field(ge=1024)
+    #: Models to fall back on, in order, when the one asked for is unavailable (its circuit open, or
+    #: failing transiently before any text). Only models of the same provider are used.
+    fallback_models: tuple[str, ...] = ()
 
     def limits(self, max_input_tokens: int, max_output_tokens: int) -> Limits:
         """This tier's limits, its input and output capped by the deployment's and the model's."""
@@ -33,6 +36,7 @@ class Tier(Frozen):
             tokens_per_day=self.tokens_per_day,
             max_concurrent_streams=self.max_concurrent_streams,
             max_concurrent_jobs=self.max_concurrent_jobs,
+            context_tokens=self.context_tokens,
         )
 
 

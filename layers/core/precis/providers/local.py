@@ -3,7 +3,8 @@
 It ranks the document's sentences by the frequency of their content words (with a small bonus for
 leading sentences), keeps the best that fit the style and the output budget, and emits them in
 document order. A latency and failure profile taken from the model id (`local?ttft_ms=500&
-token_ms=20&fail_after=40&fail=transient`) makes it behave like a remote model for tests and benchmarks.
+token_ms=20&fail_after=40&fail=transient`, or `fail_rate=0.3` for a flaky upstream) makes it behave
+like a remote model for tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
+import random
 import re
 import time
 from collections import Counter
@@ -130,7 +132,11 @@ _FAILURES = {"transient": TransientModelError, "permanent": PermanentModelError,
 class LocalProfile(Frozen):
     """How the local model pretends to be remote. Failures happen after `fail_after` tokens (0 when
     only `fail_first` or `fail_if` is given), only for prompts whose document contains `fail_if`,
-    and only on the first `fail_first` attempts of the same prompt in this process."""
+    and only on the first `fail_first` attempts of the same prompt in this process.
+
+    Independently of those, each call fails before its first token with probability `fail_rate`
+    (a flaky upstream), drawn from one random sequence per profile in this process: seeded by
+    `seed` when given (the same calls in the same order fail again), else from the OS."""
 
     ttft_ms: float = Field(default=0, ge=0, le=120_000)
     token_ms: float = Field(default=0, ge=0, le=10_000)
@@ -138,10 +144,14 @@ class LocalProfile(Frozen):
     fail: Literal["transient", "permanent", "throttle"] = "transient"
     fail_first: int | None = Field(default=None, ge=1)
     fail_if: str | None = Field(default=None, min_length=1, max_length=200)
+    fail_rate: float = Field(default=0, ge=0, le=1)
+    seed: int | None = None
 
 
 #: Attempts per (profile, prompt) in this process, for `fail_first`.
 _ATTEMPTS: Counter[str] = Counter()
+#: One random sequence per profile in this process, for `fail_rate` (a model is built per call).
+_DRAWS: dict[str, random.Random] = {}
 
 
 def extract(document: str, style: Style, max_output_tokens: int) -> str:
@@ -183,9 +193,17 @@ def extract(document: str, style: Style, max_output_tokens: int) -> str:
 def _answer(prompt: Prompt, max_output_tokens: int) -> tuple[int, tuple[str, ...]]:
     """Input tokens and output token pieces for a prompt. Deterministic, so cached: the local model
     stands in for a remote one, whose work costs this process nothing; benchmarks that send the
-    same document again should measure the gateway, not the summarizer's sentence ranking."""
-    pieces = token_pieces(extract(prompt.document, prompt.style, max_output_tokens))
-    return prompt_tokens(prompt), tuple(pieces)
+    same document again should measure the gateway, not the summarizer's sentence ranking.
+
+    A continuation (`prompt.summary_so_far`, see `prompts.continuation_prompt`) gets what follows the
+    text so far in the answer to the same document with the whole budget (this call's, plus what
+    the text so far used): a resumed summary then reads exactly as an uninterrupted one. When that
+    answer does not start with the text so far (another model wrote it), it gets the whole answer."""
+    so_far = prompt.summary_so_far
+    answer = extract(prompt.document, prompt.style, max_output_tokens + (count_tokens(so_far) if so_far else 0))
+    if so_far and answer.startswith(so_far):
+        answer = answer[len(so_far) :]
+    return prompt_tokens(prompt), tuple(token_pieces(answer))
 
 
 class LocalModel:
@@ -202,6 +220,13 @@ class LocalModel:
 
     def _fails_at(self, prompt: Prompt) -> int | None:
         profile = self.profile
+        if profile.fail_rate > 0:
+            key = profile.model_dump_json()
+            draws = _DRAWS.get(key)
+            if draws is None:
+                draws = _DRAWS[key] = random.Random(profile.seed)
+            if draws.random() < profile.fail_rate:
+                return 0
         if profile.fail_after is None and profile.fail_first is None and profile.fail_if is None:
             return None
         if profile.fail_if is not None and profile.fail_if not in prompt.document:
