@@ -1,12 +1,12 @@
-"""`python -m bench [streaming] [pipeline]`: run the benchmarks and print their tables (Markdown)."""
+"""`python -m bench [streaming] [pipeline] [admission]`: run the benchmarks and print their tables (Markdown)."""
 
 from __future__ import annotations
 
 import argparse
 
-from bench import pipeline, streaming
+from bench import admission, pipeline, streaming
 
-SUITES = {"streaming": streaming.run, "pipeline": pipeline.run}
+SUITES = {"streaming": streaming.run, "pipeline": pipeline.run, "admission": admission.run}
 
 
 def main() -> None:

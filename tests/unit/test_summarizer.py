@@ -243,6 +243,7 @@ async def test_a_call_failing_before_any_token_is_retried_and_every_attempt_is_c
     assert outcome.summary.finish_reason is FinishReason.STOP
     single = (await run(make_task(DOC + " Retry me.")))[1].usage
     assert outcome.usage.input_tokens == 3 * single.input_tokens, "two failed attempts and the good one"
+    assert outcome.retries == 2
     assert outcome.usage.output_tokens == single.output_tokens
 
 

@@ -88,6 +88,8 @@ class Outcome(Frozen):
     latency_ms: dict[str, float]
     error: ErrorInfo | None = None
     disconnected: bool = False
+    #: Model calls made again after a transient failure (not counting fallbacks' first calls).
+    retries: int = 0
 
     def done_event(self) -> DoneEvent:
         return DoneEvent(
@@ -110,6 +112,7 @@ class _Draft:
         self.usage = Usage()
         self.cost = Decimal(0)  # each call's usage at the price of the model that served it
         self.in_flight_tokens = 0  # received from calls whose usage is not reported yet
+        self.retries = 0
         self.chain = chain
         self.model_index = 0
 
@@ -378,9 +381,13 @@ class Summarizer:
             draft.usage += usage
             draft.cost += spec.info.price.cost(usage)
 
+        attempts = 0
+
         async def attempt() -> tuple[str, FinishReason]:
-            nonlocal received
+            nonlocal received, attempts
             received = 0
+            draft.retries += attempts > 0
+            attempts += 1
             permit = None if self.breaker is None else await anyio.to_thread.run_sync(self.breaker.admit, spec.name)
             try:
                 result = await call_model(
@@ -433,6 +440,7 @@ class Summarizer:
             if error is None
             else ErrorInfo(code=error.code, message=error.message, retryable=error.retryable),
             disconnected=disconnected,
+            retries=draft.retries,
         )
 
 
