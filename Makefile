@@ -10,12 +10,13 @@ export SAM_CLI_TELEMETRY := 0
 # No AWS account is needed or used: the local stack and the tests point boto3 at moto.
 export AWS_DEFAULT_REGION ?= us-east-1
 
-.PHONY: help run serve drop test lint format build bench clean
+.PHONY: help run serve drop report test lint format build bench clean
 
 help:
 	@echo "make run     serve the local stack on 127.0.0.1 and summarize a sample document live"
 	@echo "make serve   serve the local stack until stopped (PRECIS_PORT, PRECIS_DEV_API_KEY)"
 	@echo "make drop FILE=path  drop a file into the running local stack's inbox and watch its job"
+	@echo "make report  cost and tokens per user and model, latency per stage (+ a PNG chart), from the local stack"
 	@echo "make test    run the test suite"
 	@echo "make lint    ruff, mypy and sam validate --lint"
 	@echo "make build   sam build (with Python 3.13 first on PATH)"
@@ -37,6 +38,9 @@ serve: $(READY)
 drop: $(READY)
 	@test -n "$(FILE)" || { echo "usage: make drop FILE=path/to/document.txt"; exit 2; }
 	$(PY) -m local drop "$(FILE)" $(ARGS)
+
+report: $(READY)
+	$(PY) -m local report $(ARGS)
 
 test: $(READY)
 	$(PY) -m pytest $(ARGS)

@@ -9,6 +9,8 @@
 - invoke FUNCTION EVENT: invoke a function of template.yaml with an event file (what `sam local invoke`
   does, without Docker): on the local stack, through moto's Lambda API, so it runs as a state machine
   or the SQS poller would run it; prints the response payload and any function error.
+- report: cost and tokens per user and model, latency per stage (p50/p99) and a PNG chart of it, from
+  the running local stack's cost ledger, or the last one's (saved when it stopped).
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ from rich.table import Table
 SAMPLE = Path(__file__).resolve().parent / "samples" / "lighthouses.txt"
 #: Where a serving stack says how to reach it, for the commands that talk to it (drop).
 STATE = Path(__file__).resolve().parent.parent / ".local" / "stack.json"
+#: The cost ledger of the last local stack, saved when it stopped (moto keeps nothing), for `report`.
+LEDGER_COPY = STATE.parent / "ledger.json"
+#: Where `report` draws its latency chart unless told otherwise.
+CHART = STATE.parent / "latency.png"
 #: The demo's model: the local summarizer, slowed to a remote model's pace so streaming is visible.
 DEMO_MODEL = "local?ttft_ms=400&token_ms=25"
 
@@ -110,6 +116,7 @@ def _serve(args: argparse.Namespace) -> Any:
                 "api_key": stack.api_key,
                 "moto_endpoint": stack.moto_endpoint,
                 "bucket": stack.template.physical["DocumentsBucket"],
+                "ledger_table": stack.template.physical["LedgerTable"],
             }
         )
     )
@@ -126,7 +133,53 @@ def _wait(stack: Any) -> None:
         pass
     finally:
         STATE.unlink(missing_ok=True)
+        _stop(stack)
+
+
+def _stop(stack: Any) -> None:
+    """Stop the stack, keeping its cost ledger for `report` first."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from local.report import dump, live_entries
+
+    state = {"moto_endpoint": stack.moto_endpoint, "ledger_table": stack.template.physical.get("LedgerTable")}
+    try:
+        if stack.moto_endpoint and state["ledger_table"]:
+            dump(live_entries(state), LEDGER_COPY)
+    except (BotoCoreError, ClientError, OSError) as exc:
+        console.print(f"[yellow]the cost ledger was not saved[/yellow]: {exc}")
+    finally:
         stack.stop()
+
+
+def _report(chart: Path, user: str | None) -> int:
+    """Report from the running stack's ledger, else from the last one's saved copy."""
+    import time
+
+    from botocore.exceptions import BotoCoreError
+
+    from local.report import live_entries, load, report
+
+    entries, source = None, ""
+    if STATE.exists():
+        state = json.loads(STATE.read_text())
+        try:
+            entries, source = live_entries(state), f"the running local stack ({state.get('url', '?')})"
+        except BotoCoreError:  # a stack that died without removing its state file
+            entries = None
+    if entries is None:
+        if not LEDGER_COPY.exists():
+            console.print("[red]no local stack is running, and none ran here before[/red]: `make serve` or `make run`")
+            return 2
+        saved = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(LEDGER_COPY.stat().st_mtime))
+        entries, source = load(LEDGER_COPY), f"the last local stack (saved {saved})"
+    if user is not None:
+        entries = [entry for entry in entries if entry.user_id == user]
+    out = Console(highlight=False, width=max(console.width, 110))
+    jobs = sum(entry.kind == "job" for entry in entries)
+    out.print(f"[dim]cost ledger of {source}: {len(entries) - jobs} requests, {jobs} jobs[/dim]")
+    report(entries, out, chart)
+    return 0
 
 
 def _drop(path: Path, user: str, watch: bool) -> int:
@@ -227,7 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     invoke.add_argument("function", help="the function's logical id in the template, e.g. PreprocessFunction")
     invoke.add_argument("event", type=Path, help="a JSON event, e.g. events/preprocess-job.json")
     invoke.add_argument("--template", type=Path, default=Path(__file__).resolve().parent.parent / "template.yaml")
+    report = commands.add_parser("report", help="cost, tokens and latency per stage from the local stack's ledger")
+    report.add_argument("--chart", type=Path, default=CHART, help=f"where to write the PNG chart (default {CHART})")
+    report.add_argument("--user", default=None, help="only this user's requests and jobs")
     args = parser.parse_args(argv)
+    if args.command == "report":
+        return _report(args.chart, args.user)
     if args.command == "invoke":
         return _invoke(args.template, args.function, args.event)
     if args.command == "drop":
@@ -261,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             stack.stop()
             raise
         if args.once:
-            stack.stop()
+            _stop(stack)
             return 0
     _wait(stack)
     return 0

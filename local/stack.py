@@ -19,11 +19,11 @@ import sys
 import threading
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from graphlib import TopologicalSorter
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import boto3
 import uvicorn
@@ -42,7 +42,11 @@ PSEUDO_PARAMETERS = {
     "AWS::StackName": STACK_NAME,
     "AWS::Partition": "aws",
     "AWS::URLSuffix": "amazonaws.com",
+    "AWS::StackId": f"arn:aws:cloudformation:{REGION}:{ACCOUNT_ID}:stack/{STACK_NAME}/local",
 }
+#: Settings the local stack gives the functions and the gateway unless told otherwise: no X-Ray
+#: daemon runs here, so tracing is opted into (PRECIS_TRACING=true and AWS_XRAY_DAEMON_ADDRESS).
+LOCAL_DEFAULTS = {"PRECIS_TRACING": "false"}
 
 
 # template.yaml -------------------------------------------------------------------------------
@@ -486,13 +490,15 @@ class LocalStack:
     """moto + the template's resources + the functions and their SQS pollers + the gateway, all on 127.0.0.1.
 
     The functions run in moto's process (local/cloud.py); `gateway=False` starts everything but the
-    gateway (what `python -m local invoke` needs)."""
+    gateway (what `python -m local invoke` needs). Their output (Powertools JSON logs, EMF) goes to
+    this process's standard error; given a list as `function_logs`, each line is also appended to it."""
 
     port: int = 8080
     api_key: str = ""
     template: Template = field(default_factory=Template.read)
     overrides: dict[str, str] = field(default_factory=dict)
     gateway: bool = True
+    function_logs: list[str] | None = None
     moto_endpoint: str = ""
     url: str = ""
     _stops: list[Callable[[], None]] = field(default_factory=list)
@@ -528,9 +534,19 @@ class LocalStack:
             cwd=ROOT,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
+            stderr=None if self.function_logs is None else subprocess.PIPE,
             text=True,
+            errors="replace",
+            # Out of the terminal's process group: Ctrl-C stops the stack, which then reads what it
+            # needs from moto (`python -m local serve` saves the cost ledger) before it ends moto by
+            # closing its stdin (it also ends when this process dies: its stdin closes).
+            start_new_session=True,
         )
         assert cloud.stdout is not None and cloud.stdin is not None
+        tee = None
+        if self.function_logs is not None:
+            tee = threading.Thread(target=_tee, args=(cloud.stderr, self.function_logs), name="cloud-logs", daemon=True)
+            tee.start()
         ready = cloud.stdout.readline().split()
         if len(ready) != 2 or ready[0] != "READY":
             cloud.kill()
@@ -545,6 +561,8 @@ class LocalStack:
                 cloud.kill()
                 cloud.wait()
             cloud.stdout.close()
+            if tee is not None:
+                tee.join(timeout=5)
 
         self._stops.append(stop)
         self._cloud = cloud
@@ -566,7 +584,7 @@ class LocalStack:
 
     def function_overrides(self) -> dict[str, str]:
         """What the functions' environment gets on top of template.yaml's, as the gateway's does."""
-        return {**{k: v for k, v in os.environ.items() if k.startswith("PRECIS_")}, **self.overrides}
+        return {**LOCAL_DEFAULTS, **{k: v for k, v in os.environ.items() if k.startswith("PRECIS_")}, **self.overrides}
 
     def _start_functions(self) -> None:
         """Tell the cloud process that the functions exist (it applies their environment before any
@@ -584,6 +602,7 @@ class LocalStack:
     def gateway_environment(self) -> dict[str, str]:
         """The gateway function's environment from template.yaml, then the caller's PRECIS_* overrides."""
         env = self.template.function_environment("GatewayFunction")
+        env.update(LOCAL_DEFAULTS)
         env.update({k: v for k, v in os.environ.items() if k.startswith("PRECIS_")})
         env.update(self.overrides)
         return env
@@ -620,6 +639,15 @@ class LocalStack:
         self._stops.append(stop)
         port = server.servers[0].sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
+
+
+def _tee(stream: IO[str], lines: list[str]) -> None:
+    """Pass the cloud process's output on to this process's standard error, keeping each line."""
+    for line in stream:
+        lines.append(line.rstrip("\n"))
+        with suppress(ValueError, OSError):  # stderr closed (a test runner's capture ended): keep reading
+            sys.stderr.write(line)
+    stream.close()
 
 
 @contextmanager

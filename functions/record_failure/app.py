@@ -7,14 +7,16 @@ from typing import Any
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from precis.domain.jobs import FailedJobTask
-from precis.observability import logger
+from precis.observability import inject_lambda_context, logger, timed_stage, tracer
 from precis.settings import Settings
 from precis.wiring import build_pipeline
 
 pipeline = build_pipeline(Settings.from_env())
 
 
-@logger.inject_lambda_context(correlation_id_path="job_id")
+@inject_lambda_context(correlation_id_path="job_id")
+@tracer().capture_lambda_handler(capture_response=False)
+@timed_stage("record_failure")
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     failed = FailedJobTask.model_validate(event)
     logger.warning("job failed", extra={"error": failed.error.get("Error")})

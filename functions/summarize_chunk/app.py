@@ -16,7 +16,7 @@ from aws_lambda_powertools.utilities.idempotency import (
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from precis.domain.jobs import ChunkTask
-from precis.observability import logger
+from precis.observability import inject_lambda_context, logger, timed_stage, tracer
 from precis.settings import Settings
 from precis.wiring import build_pipeline
 
@@ -26,8 +26,12 @@ persistence = DynamoDBPersistenceLayer(table_name=settings.idempotency_table)
 config = IdempotencyConfig(event_key_jmespath="[job_id, index]", expires_after_seconds=7 * 86_400)
 
 
-@logger.inject_lambda_context(correlation_id_path="job_id")
+@inject_lambda_context(correlation_id_path="job_id")
+@tracer().capture_lambda_handler(capture_response=False)
 @idempotent(config=config, persistence_store=persistence)
+@timed_stage("summarize_chunk")  # inside: a replayed result is no stage run
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     task = ChunkTask.model_validate(event)
-    return pipeline.summarize_chunk(task.job_id, task.index)
+    result = pipeline.summarize_chunk(task.job_id, task.index)
+    logger.info("chunk summarized", extra={"index": task.index})
+    return result

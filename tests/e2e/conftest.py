@@ -30,7 +30,8 @@ OVERRIDES = {
 
 @pytest.fixture(scope="session")
 def stack() -> Iterator[LocalStack]:
-    with LocalStack(port=0, overrides=OVERRIDES) as running:
+    # The functions' output is kept (stack.function_logs) for the tests that read their logs.
+    with LocalStack(port=0, overrides=OVERRIDES, function_logs=[]) as running:
         yield running
 
 

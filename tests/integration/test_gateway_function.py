@@ -20,6 +20,7 @@ def load_gateway(monkeypatch: pytest.MonkeyPatch, tables: dict[str, Any]) -> Mod
     monkeypatch.setenv("PRECIS_KEYS_TABLE", tables["KeysTable"].name)
     monkeypatch.setenv("PRECIS_REQUESTS_TABLE", tables["RequestsTable"].name)
     monkeypatch.setenv("PRECIS_QUOTAS_TABLE", tables["QuotasTable"].name)
+    monkeypatch.setenv("PRECIS_LEDGER_TABLE", tables["LedgerTable"].name)
     return load_function("gateway")
 
 
@@ -41,6 +42,8 @@ def test_function_url_event_is_summarized_through_mangum(
     assert body["usage"]["output_tokens"] <= 120
     [item] = [i for i in tables["RequestsTable"].scan()["Items"] if i["pk"].startswith("request#")]
     assert item["status"] == "completed" and item["user_id"] == "events"
+    [charged] = [i for i in tables["LedgerTable"].scan()["Items"] if i["sk"].startswith("entry#")]
+    assert charged["id"] == item["request_id"] and charged["output_tokens"] == body["usage"]["output_tokens"]
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")

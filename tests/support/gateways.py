@@ -119,6 +119,9 @@ def main() -> None:
     listener.bind(("127.0.0.1", 0))
     app = create_app(build_services(Settings.from_env()))
     print(f"PORT {listener.getsockname()[1]}", flush=True)
+    # The parent reads that one line and no more: what the gateway writes to stdout afterwards (logs,
+    # EMF records) goes to stderr, or a full pipe would block the gateway.
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     config = uvicorn.Config(app, lifespan="on", log_level="warning", access_log=False)
     uvicorn.Server(config).run(sockets=[listener])
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 
 from precis.domain.breaker import BreakerPolicy
 from precis.domain.models import Frozen
@@ -17,6 +17,10 @@ class Settings(Frozen):
     jobs_table: str = "precis-jobs"
     quotas_table: str = "precis-quotas"
     idempotency_table: str = "precis-idempotency"
+    #: The cost ledger: an entry per request and job, and per-user day totals (precis.domain.ledger).
+    ledger_table: str = "precis-ledger"
+    #: How long ledger entries and day totals are kept.
+    ledger_ttl_days: int = Field(default=400, gt=0)
     documents_bucket: str = "precis-documents"
     ingest_queue_url: str = ""
     state_machine_arn: str = ""
@@ -70,6 +74,12 @@ class Settings(Frozen):
     bedrock_endpoint_url: str | None = None
     openai_base_url: str = "http://127.0.0.1:11434/v1"
     openai_api_key: str | None = None
+    #: An X-Ray segment per gateway request, its stages as subsegments, sent to the daemon at
+    #: AWS_XRAY_DAEMON_ADDRESS (precis.api.tracing). template.yaml turns it on; off locally.
+    tracing: bool = False
+    #: The deployment's key for the pseudonyms users appear as in logs (precis.observability.pseudonym):
+    #: template.yaml gives every function the stack's id.
+    pseudonym_key: SecretStr = SecretStr("")
 
     def breaker_policy(self) -> BreakerPolicy:
         return BreakerPolicy(

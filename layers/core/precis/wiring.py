@@ -7,6 +7,7 @@ from typing import Any
 from precis.adapters.breakers import BreakerTable
 from precis.adapters.dynamodb import KeyStore, RequestStore
 from precis.adapters.jobs import JobStore
+from precis.adapters.ledger import LedgerStore
 from precis.adapters.quotas import QuotaStore
 from precis.adapters.s3 import DocumentStore
 from precis.adapters.stepfunctions import Executions
@@ -16,7 +17,7 @@ from precis.domain.cancellation import CancelWatch
 from precis.domain.pipeline import JobIntake, JobPipeline
 from precis.domain.summarize import Summarizer
 from precis.domain.tiers import Tiers
-from precis.observability import RequestTelemetry
+from precis.observability import JobMetrics, RequestTelemetry, use_pseudonym_key
 from precis.providers import ProviderFactory
 from precis.settings import Settings
 
@@ -32,11 +33,14 @@ def dynamodb_resource() -> Any:
 
 
 def build_services(settings: Settings, dynamodb: Any | None = None) -> Services:
+    use_pseudonym_key(settings.pseudonym_key.get_secret_value())
     dynamodb = dynamodb if dynamodb is not None else dynamodb_resource()
+    ledger = LedgerStore(dynamodb.Table(settings.ledger_table), ttl_days=settings.ledger_ttl_days)
     requests = RequestStore(
         dynamodb.Table(settings.requests_table),
         ttl_days=settings.request_ttl_days,
         interrupted_after_s=settings.interrupted_after_s,
+        ledger=ledger,
     )
     quotas = QuotaStore(dynamodb.Table(settings.quotas_table))
     breaker = CircuitBreaker(BreakerTable(dynamodb.Table(settings.quotas_table)), settings.breaker_policy())
@@ -47,6 +51,7 @@ def build_services(settings: Settings, dynamodb: Any | None = None) -> Services:
         requests=requests,
         quotas=quotas,
         tiers=Tiers.load(settings.tiers_file),
+        ledger=ledger,
         providers=providers,
         summarizer=Summarizer(
             providers,
@@ -68,6 +73,8 @@ def build_pipeline(settings: Settings) -> JobPipeline:
     """The asynchronous path's stages, wired to S3, DynamoDB and the model providers."""
     import boto3
 
+    use_pseudonym_key(settings.pseudonym_key.get_secret_value())
+
     dynamodb = dynamodb_resource()
     quotas_table = dynamodb.Table(settings.quotas_table)
     return JobPipeline(
@@ -80,11 +87,15 @@ def build_pipeline(settings: Settings) -> JobPipeline:
         admission=QuotaStore(quotas_table),
         model_idle_timeout_s=settings.model_idle_timeout_s,
         breaker=CircuitBreaker(BreakerTable(quotas_table), settings.breaker_policy()),
+        telemetry=JobMetrics(),
+        ledger=LedgerStore(dynamodb.Table(settings.ledger_table), ttl_days=settings.ledger_ttl_days),
     )
 
 
 def build_intake(settings: Settings) -> JobIntake:
     import boto3
+
+    use_pseudonym_key(settings.pseudonym_key.get_secret_value())
 
     return JobIntake(
         JobStore(dynamodb_resource().Table(settings.jobs_table)),
@@ -93,4 +104,5 @@ def build_intake(settings: Settings) -> JobIntake:
         default_model=settings.default_model,
         default_max_output_tokens=settings.default_max_output_tokens,
         max_document_bytes=settings.max_document_bytes,
+        telemetry=JobMetrics(),
     )

@@ -18,8 +18,17 @@ from typing import TYPE_CHECKING, Any, Literal
 from botocore.exceptions import ClientError
 from pydantic import Field
 
-from precis.domain.errors import ConflictError, InvalidInputError, NotFoundError, NotResumableError
+from precis.adapters.ledger import LedgerStore, transact
+from precis.domain.errors import (
+    ConflictError,
+    InvalidInputError,
+    NotFoundError,
+    NotResumableError,
+    TransientStorageError,
+)
+from precis.domain.ledger import request_entry
 from precis.domain.models import FinishReason, Frozen, Usage
+from precis.observability import logger
 
 if TYPE_CHECKING:
     from precis.domain.summarize import Outcome
@@ -119,8 +128,16 @@ class RequestRecord(Frozen):
 class RequestStore:
     """Request records, the cancel flag and idempotency keys (implements `RequestJournal`)."""
 
-    def __init__(self, table: Any, ttl_days: int = 7, interrupted_after_s: float | None = None) -> None:
+    def __init__(
+        self,
+        table: Any,
+        ttl_days: int = 7,
+        interrupted_after_s: float | None = None,
+        ledger: LedgerStore | None = None,
+    ) -> None:
         self.table = table
+        #: Where a finished request's cost is recorded: in the same transaction as its record's finish.
+        self.ledger = ledger
         self.ttl_s = ttl_days * 86_400
         #: A record still `in_progress` that nobody wrote for this long is read as `interrupted`: a live
         #: stream rewrites it more often (Summarizer.heartbeat_interval_s), so the instance serving it is
@@ -245,7 +262,7 @@ class RequestStore:
             ":now": Decimal(str(time.time())),
             ":model": outcome.model,
         }
-        self.table.update_item(
+        update: dict[str, Any] = dict(
             Key={"pk": f"request#{outcome.request_id}"},
             UpdateExpression=(
                 "SET #status = :status, #text = :text, input_tokens = :input, output_tokens = :output, "
@@ -256,6 +273,24 @@ class RequestStore:
             ExpressionAttributeNames={"#status": "status", "#text": "text", "#error": "error", "#partial": "partial"},
             ExpressionAttributeValues=values,
         )
+        if self.ledger is None:
+            self.table.update_item(**update)
+            return
+        # The cost ledger's entry and day totals in the same transaction: one round trip, and a
+        # record never reads finished without its cost counted (nor the cost without the record).
+        entry = request_entry(outcome)
+        items = [{"Update": {"TableName": self.table.name, **update}}, *self.ledger.writes(entry)]
+        try:
+            if transact(self.table.meta.client, items, already=1):
+                return
+        except (ClientError, TransientStorageError):
+            # The record is finished whatever the ledger does (the stream's `done` waits for it); the
+            # entry that could not be written is logged, to be added from the logs.
+            logger.exception(
+                "cost ledger entry not written",
+                extra={"correlation_id": outcome.request_id, "ledger_entry": entry.model_dump(mode="json")},
+            )
+        self.table.update_item(**update)  # or finished once before: its cost is counted already
 
     def request_cancel(self, request_id: str, user_id: str) -> RequestRecord:
         """Flag a running request for cancellation; its stream notices within one CancelWatch poll.
@@ -270,7 +305,10 @@ class RequestStore:
                 ReturnValues="ALL_NEW",
             )["Attributes"]
         except ClientError as exc:
-            if not _conditional_failed(exc):
+            # TransactionConflict: it is finishing right now (its finish is a transaction, with its
+            # cost ledger entry): there is nothing left to cancel.
+            finishing = exc.response.get("Error", {}).get("Code") == "TransactionConflictException"
+            if not _conditional_failed(exc) and not finishing:
                 raise
             return self.get(request_id, user_id)
         return self._as_read(self._record(item))  # an interrupted request has no stream left to cancel

@@ -23,9 +23,11 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, Validat
 from starlette.responses import JSONResponse, Response
 
 from precis.adapters.dynamodb import KeyStore, Principal, RequestRecord, RequestStore, document_sha256
+from precis.adapters.ledger import LedgerStore
 from precis.adapters.quotas import QuotaStore
 from precis.api import errors
 from precis.api import jobs as jobs_api
+from precis.api import usage as usage_api
 from precis.api.jobs import JobDesk, accepted
 from precis.api.sse import EventStreamResponse
 from precis.domain.catalog import Catalog, ModelSpec
@@ -49,7 +51,7 @@ from precis.domain.resume import Resumption, reserved_tokens
 from precis.domain.summarize import Summarizer, SummaryTask
 from precis.domain.tiers import Tiers
 from precis.domain.tokens import encoding
-from precis.observability import correlate, logger
+from precis.observability import SERVICE, annotate, correlate, logger, pseudonym, stage
 from precis.providers import ProviderFactory
 from precis.settings import Settings
 
@@ -84,6 +86,8 @@ class Services:
     summarizer: Summarizer
     catalog: Catalog = field(default_factory=Catalog.bundled)
     tiers: Tiers = field(default_factory=Tiers.load)
+    #: The cost ledger that `GET /v1/usage` reads (the request store writes it).
+    ledger: LedgerStore | None = None
     streams_in_flight: int = 0
     _key_cache: dict[str, tuple[float, Principal]] = field(default_factory=dict)
 
@@ -124,6 +128,10 @@ class Services:
         return tuple(chain)
 
     async def authenticate(self, authorization: str | None) -> Principal:
+        with stage("auth"):
+            return await self._authenticate(authorization)
+
+    async def _authenticate(self, authorization: str | None) -> Principal:
         scheme, _, api_key = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not api_key.strip():
             raise UnauthenticatedError("missing API key: send `Authorization: Bearer <key>`")
@@ -246,6 +254,10 @@ def create_app(services: Services) -> FastAPI:
         description="Streaming summarization. See README.md for the streaming contract.",
     )
     errors.install(app)
+    if settings.tracing:
+        from precis.api.tracing import TracingMiddleware  # the X-Ray SDK, only when traced
+
+        app.add_middleware(TracingMiddleware, name=f"{SERVICE}-gateway")
     app.state.services = services
     desk = JobDesk(settings)
 
@@ -290,6 +302,9 @@ def create_app(services: Services) -> FastAPI:
         mode: Literal["sse", "json"] = "json" if _wants_json(accept) else "sse"
 
         request_id = f"req_{secrets.token_hex(16)}"
+        # Every log line of the request carries its id and its user's pseudonym (never the user id).
+        correlate(request_id, user=pseudonym(principal.user_id))
+        annotate(request_id=request_id, model=info.id, tier=principal.tier)
         if idempotency_key is not None:
             fingerprint = hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()
             existing = await anyio.to_thread.run_sync(
@@ -314,7 +329,8 @@ def create_app(services: Services) -> FastAPI:
                 )
 
         try:
-            task = await _prepare(services, principal, body, spec, max_output, limits, request_id)
+            with stage("preprocess"):
+                task = await _prepare(services, principal, body, spec, max_output, limits, request_id)
             if resumed is not None:
                 resume = Resumption(request_id=resumed.request_id, text=resumed.text, final_inputs=resumed.final_inputs)
                 task = task.model_copy(update={"resume": resume})
@@ -331,6 +347,7 @@ def create_app(services: Services) -> FastAPI:
                     body.style,
                     max_output,
                 )
+                logger.info("request handed over to a job", extra={"job_id": job.job_id})
                 return accepted(job, handed_off=True)
             # Admitted and recorded in one transaction: over a limit, nothing is written.
             creation = services.requests.creation(
@@ -344,13 +361,14 @@ def create_app(services: Services) -> FastAPI:
                 resumed_from=body.resume_from,
                 final_inputs=None if task.resume is None else task.resume.final_inputs,
             )
-            reservation = await anyio.to_thread.run_sync(
-                partial(services.quotas.reserve, record=creation),
-                principal.user_id,
-                services.tiers.named(principal.tier),
-                reserved_tokens(task.plan, task.style, task.max_output_tokens, task.resume),
-                "streams",
-            )
+            with stage("admission"):
+                reservation = await anyio.to_thread.run_sync(
+                    partial(services.quotas.reserve, record=creation),
+                    principal.user_id,
+                    services.tiers.named(principal.tier),
+                    reserved_tokens(task.plan, task.style, task.max_output_tokens, task.resume),
+                    "streams",
+                )
             task = task.model_copy(
                 update={"reservation": reservation, "timeout_s": _time_left(settings, lambda_context)}
             )
@@ -374,6 +392,7 @@ def create_app(services: Services) -> FastAPI:
         )
 
     jobs_api.install(app, services, desk, parse_body)
+    usage_api.install(app, services)
 
     @app.get("/v1/requests/{request_id}")
     async def get_request(request_id: str, authorization: Annotated[str | None, Header()] = None) -> dict[str, Any]:
@@ -385,6 +404,7 @@ def create_app(services: Services) -> FastAPI:
     async def cancel_request(request_id: str, authorization: Annotated[str | None, Header()] = None) -> JSONResponse:
         principal = await services.authenticate(authorization)
         record = await anyio.to_thread.run_sync(services.requests.request_cancel, _known(request_id), principal.user_id)
+        correlate(request_id, user=pseudonym(principal.user_id))
         logger.info("cancel requested", extra={"correlation_id": request_id, "status": record.status})
         if record.status == "in_progress":
             return JSONResponse({"request_id": request_id, "status": "cancelling"}, status_code=202)

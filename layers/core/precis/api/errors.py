@@ -10,7 +10,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
 from precis.domain.errors import PrecisError, RateLimitedError
-from precis.observability import logger
+from precis.observability import logger, throttled
 
 
 def error_response(
@@ -36,6 +36,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(PrecisError)
     async def precis_error(_: Request, exc: PrecisError) -> JSONResponse:
         if isinstance(exc, RateLimitedError):
+            throttled(exc.limit)  # every 429 of admission, by the limit that refused it
             return error_response(
                 exc.status, exc.code, exc.message, retryable=True, retry_after_s=exc.retry_after_s, limit=exc.limit
             )

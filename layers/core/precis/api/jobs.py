@@ -17,9 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from starlette.responses import JSONResponse, Response
 
 from precis.api.sse import EventStreamResponse
+from precis.domain.catalog import Catalog
 from precis.domain.errors import InvalidInputError, NotFoundError, RateLimitedError
 from precis.domain.inference import chunk_budget, job_token_estimate
 from precis.domain.jobs import Job, check_inbox_key, document_key_for_job, drop_owner, is_job_id, new_job_id
+from precis.domain.ledger import job_entry
 from precis.domain.models import (
     DoneEvent,
     ErrorEvent,
@@ -33,13 +35,14 @@ from precis.domain.models import (
 )
 from precis.domain.pipeline import job_usage
 from precis.domain.tokens import count_tokens
-from precis.observability import logger
+from precis.observability import JobMetrics, annotate, correlate, logger, pseudonym, stage
 from precis.settings import Settings
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
     from precis.adapters.jobs import JobStore
+    from precis.adapters.ledger import LedgerStore
     from precis.adapters.quotas import QuotaStore
     from precis.adapters.s3 import DocumentStore
     from precis.adapters.stepfunctions import Executions
@@ -66,6 +69,7 @@ class JobDesk:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.telemetry = JobMetrics()
 
     @cached_property
     def jobs(self) -> JobStore:
@@ -103,6 +107,14 @@ class JobDesk:
 
         return QuotaStore(dynamodb_resource().Table(self.settings.quotas_table))
 
+    @cached_property
+    def ledger(self) -> LedgerStore:
+        from precis.adapters.ledger import LedgerStore
+        from precis.wiring import dynamodb_resource
+
+        settings = self.settings
+        return LedgerStore(dynamodb_resource().Table(settings.ledger_table), ttl_days=settings.ledger_ttl_days)
+
     def submit(
         self,
         owner: str,
@@ -128,24 +140,32 @@ class JobDesk:
             document_tokens = (head[0] if head else 0) // 3  # a few bytes a token: an upper estimate
         chunk_tokens, _ = chunk_budget(spec.info, style, max_output_tokens, tier.context_tokens)
         estimate = job_token_estimate(document_tokens, chunk_tokens, style, max_output_tokens)
-        reservation = self.quotas.reserve(owner, tier, estimate, "jobs")
+        with stage("admission"):
+            reservation = self.quotas.reserve(owner, tier, estimate, "jobs")
         written: list[Callable[[], None]] = [lambda: self.quotas.settle(reservation, Usage())]
         try:
-            if text is not None:
-                self.documents.write_text(key, text)
-                written.append(lambda: self.documents.delete(key))
-            self.jobs.create(
-                job_id,
-                owner,
-                key,
-                spec.name,
-                style,
-                max_output_tokens,
-                reservation=reservation,
-                context_tokens=tier.context_tokens,
-            )
-            written.append(lambda: self.jobs.delete(job_id))
-            self.queue.send_message(QueueUrl=self.settings.ingest_queue_url, MessageBody=json.dumps({"job_id": job_id}))
+            with stage("storage"):
+                if text is not None:
+                    self.documents.write_text(key, text)
+                    written.append(lambda: self.documents.delete(key))
+                self.jobs.create(
+                    job_id,
+                    owner,
+                    key,
+                    spec.name,
+                    style,
+                    max_output_tokens,
+                    reservation=reservation,
+                    context_tokens=tier.context_tokens,
+                )
+                written.append(lambda: self.jobs.delete(job_id))
+                # The job id in the body is what the starter acts on; as the `correlation_id`
+                # attribute it is what the starter logs by from the record's first line.
+                self.queue.send_message(
+                    QueueUrl=self.settings.ingest_queue_url,
+                    MessageBody=json.dumps({"job_id": job_id}),
+                    MessageAttributes={"correlation_id": {"DataType": "String", "StringValue": job_id}},
+                )
         except BaseException:
             for undo in reversed(written):
                 undo()
@@ -176,8 +196,14 @@ class JobDesk:
         if cancelled_now:
             if job.execution_arn:
                 self.executions.stop(job.execution_arn, "cancelled by its owner")
+            usage = job_usage(job, self.documents)
             if job.reservation is not None:  # charged for what it used until now
-                self.quotas.settle(job.reservation, job_usage(job, self.documents))
+                self.quotas.settle(job.reservation, usage)
+            cost = Catalog.bundled().resolve(job.model).info.price.cost(usage)
+            self.telemetry.job_finished(job, FinishReason.CANCELLED, usage, cost, partial=bool(job.text))
+            self.ledger.record(job_entry(job, usage, Catalog.bundled()))
+        elif job.status == "cancelled":  # cancelled before: its ledger entry, if a crash kept it from being written
+            self.ledger.record(job_entry(job, job_usage(job, self.documents), Catalog.bundled()))
         return job
 
 
@@ -274,6 +300,8 @@ def install(app: FastAPI, services: Services, desk: JobDesk, parse: Callable[...
             body.style,
             max_output,
         )
+        correlate(job.job_id, user=pseudonym(principal.user_id))
+        annotate(request_id=job.job_id, model=spec.info.id, tier=principal.tier)
         logger.info("job submitted", extra={"correlation_id": job.job_id})
         return accepted(job)
 
@@ -304,4 +332,6 @@ def install(app: FastAPI, services: Services, desk: JobDesk, parse: Callable[...
     async def cancel_job(job_id: str, authorization: Annotated[str | None, Header()] = None) -> JSONResponse:
         principal = await services.authenticate(authorization)
         job = await anyio.to_thread.run_sync(desk.cancel, own(job_id), principal.user_id)
+        correlate(job.job_id, user=pseudonym(principal.user_id))
+        logger.info("job cancel requested", extra={"status": job.status})
         return JSONResponse(job_view(job), status_code=202 if job.status == "cancelled" else 200)

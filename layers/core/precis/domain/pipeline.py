@@ -41,10 +41,12 @@ from precis.domain.jobs import (
     job_id_for_object,
     summary_keys,
 )
+from precis.domain.ledger import job_entry
 from precis.domain.models import Document, FinishReason, Prompt, Style, Usage
-from precis.domain.ports import ProviderResolver
+from precis.domain.ports import CostLedger, JobTelemetry, ProviderResolver
 from precis.domain.postprocess import postprocess
 from precis.domain.prompts import chunk_prompt
+from precis.observability import annotate, correlate, logger, pseudonym
 
 
 class Documents(Protocol):
@@ -103,19 +105,22 @@ class JobIntake:
         default_model: str,
         default_max_output_tokens: int,
         max_document_bytes: int,
+        telemetry: JobTelemetry | None = None,
     ) -> None:
         self.jobs = jobs
         self.executions = executions
+        self.telemetry = telemetry
         self.bucket = bucket
         self.default_model = default_model
         self.default_max_output_tokens = default_max_output_tokens
         self.max_document_bytes = max_document_bytes
 
-    def handle(self, message: dict[str, Any]) -> None:
+    def handle(self, message: dict[str, Any], queued_at: float | None = None) -> None:
+        """`queued_at`: when the message was sent (epoch seconds), for the job's queue wait."""
         if message.get("Event") == "s3:TestEvent":  # S3 sends one when the notification is set up
             return
         if isinstance(message.get("job_id"), str) and is_job_id(message["job_id"]):
-            self._start(message["job_id"])
+            self._start(message["job_id"], queued_at)
             return
         records = message.get("Records")
         if not isinstance(records, list) or not records:
@@ -125,10 +130,11 @@ class JobIntake:
             bucket, obj = s3.get("bucket", {}).get("name"), s3.get("object", {})
             if bucket != self.bucket or not isinstance(obj.get("key"), str):
                 raise InvalidInputError(f"an S3 event for another bucket or without a key: {bucket!r}")
-            self._drop(unquote_plus(obj["key"]), str(obj.get("eTag", "")), int(obj.get("size", 0)))
+            self._drop(unquote_plus(obj["key"]), str(obj.get("eTag", "")), int(obj.get("size", 0)), queued_at)
 
-    def _drop(self, key: str, etag: str, size: int) -> None:
+    def _drop(self, key: str, etag: str, size: int, queued_at: float | None = None) -> None:
         job_id = job_id_for_object(self.bucket, key, etag)
+        correlate(job_id)  # a drop's job id is known from here on: every later line carries it
         problem: JobError | None = None
         try:
             check_inbox_key(key)
@@ -148,17 +154,29 @@ class JobIntake:
             self.default_max_output_tokens,
             error=problem,
         )
+        logger.info("document dropped", extra={"size_bytes": size, "new_job": created})
+        if problem is not None and created:
+            logger.warning("dropped document refused", extra={"error_code": problem.code})
         if problem is None or not created:
-            self._start(job_id)
+            self._start(job_id, queued_at)
+        elif self.telemetry is not None and (refused := self.jobs.get(job_id)) is not None:
+            self.telemetry.job_finished(refused, FinishReason.ERROR, Usage(), Decimal(0))
 
-    def _start(self, job_id: str) -> None:
+    def _start(self, job_id: str, queued_at: float | None = None) -> None:
+        correlate(job_id)
         job = self.jobs.get(job_id)
         if job is None:
             raise InvalidInputError(f"no job {job_id!r} to start")
+        correlate(job_id, user=pseudonym(job.owner))
         if job.finished:  # cancelled while queued, failed at intake, or done: nothing to start
+            logger.info("job not started: it has ended", extra={"status": job.status})
             return
         arn = self.executions.start(job_id, {"job_id": job_id})
-        if not self.jobs.started(job_id, arn) and (current := self.jobs.get(job_id)) and current.status == "cancelled":
+        if self.jobs.started(job_id, arn):
+            logger.info("job started", extra={"model": job.model.partition("?")[0]})
+            if self.telemetry is not None:  # queued when created (API jobs) or when S3 sent the event (drops)
+                self.telemetry.job_started(job, min(job.created_at, queued_at or job.created_at))
+        elif (current := self.jobs.get(job_id)) and current.status == "cancelled":
             self.executions.stop(arn, "the job was cancelled before it started")
 
 
@@ -176,8 +194,12 @@ class JobPipeline:
         admission: Admission | None = None,
         model_idle_timeout_s: float | None = None,
         breaker: CircuitBreaker | None = None,
+        telemetry: JobTelemetry | None = None,
+        ledger: CostLedger | None = None,
     ) -> None:
         self.admission = admission
+        self.telemetry = telemetry
+        self.ledger = ledger
         self.breaker = breaker
         self.model_idle_timeout_s = model_idle_timeout_s
         self.jobs = jobs
@@ -221,6 +243,7 @@ class JobPipeline:
         job = self.jobs.get(job_id)
         if job is None:
             raise InvalidDocumentError(f"no job {job_id!r}")
+        annotate(request_id=job_id, model=job.model.partition("?")[0])
         return job
 
     # Split Into Chunks ------------------------------------------------------------------------
@@ -345,6 +368,9 @@ class JobPipeline:
         )
         if self.jobs.succeed(job_id, summary.text, finish, usage, cost, json_key, markdown_key):
             self._settle(job, usage)
+            if self.telemetry is not None:
+                self.telemetry.job_finished(job, finish, usage, cost)
+        self._record_cost(job_id, usage)
         return json_key
 
     # Record The Failure -----------------------------------------------------------------------
@@ -366,8 +392,22 @@ class JobPipeline:
             retryable=known.retryable if known else False,
         )
         usage = self.usage(job)
-        if self.jobs.fail(job_id, failure, usage, self.catalog.resolve(job.model).info.price.cost(usage)):
+        cost = self.catalog.resolve(job.model).info.price.cost(usage)
+        if self.jobs.fail(job_id, failure, usage, cost):
             self._settle(job, usage)
+            if self.telemetry is not None:
+                self.telemetry.job_finished(job, FinishReason.ERROR, usage, cost, partial=bool(job.text))
+        self._record_cost(job_id, usage)
+
+    def _record_cost(self, job_id: str, usage: Usage) -> None:
+        """The ended job's entry in its owner's cost ledger, once, however the transition before it
+        went: a stage run again after a crash between the two writes it then, and a stage run again
+        after it was written (or a cancel that wrote it first) changes nothing."""
+        if self.ledger is None:
+            return
+        job = self._job(job_id)
+        if job.finished:
+            self.ledger.record(job_entry(job, usage, self.catalog))
 
     def _settle(self, job: Job, usage: Usage) -> None:
         """The job's end, reached once (the transition that got here was conditional): its owner's

@@ -9,7 +9,12 @@ from typing import TYPE_CHECKING, Protocol
 from precis.domain.models import ModelEvent, Prompt
 
 if TYPE_CHECKING:
+    from decimal import Decimal
+
     from precis.domain.catalog import ModelSpec
+    from precis.domain.jobs import Job
+    from precis.domain.ledger import LedgerEntry
+    from precis.domain.models import FinishReason, Usage
     from precis.domain.summarize import Outcome
 
 
@@ -49,4 +54,28 @@ class RequestJournal(Protocol):
 class Telemetry(Protocol):
     def record(self, outcome: Outcome) -> None:
         """Logs and metrics for one finished request."""
+        ...
+
+
+class JobTelemetry(Protocol):
+    """Metrics of the asynchronous path. Each is reported once per job: by the caller whose
+    conditional transition started or ended it."""
+
+    def job_started(self, job: Job, queued_at: float) -> None:
+        """The job's execution started; it was queued at `queued_at` (epoch seconds)."""
+        ...
+
+    def job_finished(
+        self, job: Job, finish_reason: FinishReason, usage: Usage, cost_usd: Decimal, *, partial: bool = False
+    ) -> None:
+        """The job ended (succeeded, failed or cancelled) having used `usage`, charged `cost_usd`."""
+        ...
+
+
+class CostLedger(Protocol):
+    """Where what each request and job cost is kept, with its owner's totals per day."""
+
+    def record(self, entry: LedgerEntry) -> bool:
+        """Record an ended request's or job's entry and count it in its owner's day totals, exactly
+        once: False (and nothing changed) when it was recorded already."""
         ...

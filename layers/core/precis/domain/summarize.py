@@ -41,7 +41,7 @@ from precis.domain.postprocess import postprocess
 from precis.domain.prompts import chunk_prompt, combine_prompt
 from precis.domain.resume import Resumption, continued, final_prompt
 from precis.domain.retry import RetryBudget, RetryPolicy, with_retries
-from precis.observability import logger
+from precis.observability import logger, record_stage, stage
 
 Emit = Callable[[StreamEvent], Awaitable[None]]
 
@@ -90,6 +90,9 @@ class Outcome(Frozen):
     disconnected: bool = False
     #: Model calls made again after a transient failure (not counting fallbacks' first calls).
     retries: int = 0
+    #: When the request started (preprocess included), seconds since the epoch: what its cost
+    #: ledger entry is dated by.
+    started_at: float = 0.0
 
     def done_event(self) -> DoneEvent:
         return DoneEvent(
@@ -217,9 +220,11 @@ class Summarizer:
                 finish = FinishReason.CANCELLED
             with anyio.CancelScope(shield=True):
                 outcome = self._outcome(task, draft, finish, error, timings, started, disconnected)
+                stored = time.monotonic()
                 await anyio.to_thread.run_sync(self.journal.finish, outcome)
                 if self.admission is not None and task.reservation is not None:
                     await anyio.to_thread.run_sync(self.admission.settle, task.reservation, outcome.usage)
+                record_stage("storage", stored)
                 self.telemetry.record(outcome)
         if error is not None:
             await emit(
@@ -257,10 +262,12 @@ class Summarizer:
         final = final_prompt(task.plan, task.style, task.max_output_tokens, task.resume)
         if final is None:
             mark = time.monotonic()
-            partials = await self._map(task, draft, emit)
+            with stage("map"):
+                partials = await self._map(task, draft, emit)
             timings["map"] = _ms(mark)
             mark = time.monotonic()
-            final = await self._reduce(task, draft, emit, partials)
+            with stage("reduce"):
+                final = await self._reduce(task, draft, emit, partials)
             timings["reduce"] = _ms(mark)
         final, max_output_tokens = continued(final, task.max_output_tokens, task.resume)
 
@@ -274,7 +281,12 @@ class Summarizer:
             draft.parts.append(text)
             await emit(TokenEvent(text=text, index=len(draft.parts) - 1 - seeded))
 
-        _, finish = await self._call(task, final, max_output_tokens, draft, stream_token)
+        try:
+            _, finish = await self._call(task, final, max_output_tokens, draft, stream_token)
+        finally:  # traced however the call ends: the wait for the first token, then the stream
+            record_stage("model_ttft", mark, first_token[0] if first_token else None)
+            if first_token:
+                record_stage("streaming", first_token[0])
         timings["infer"] = _ms(mark)
         return finish
 
@@ -425,6 +437,7 @@ class Summarizer:
         mark = time.monotonic()
         summary = postprocess(draft.text, task.style, finish)
         timings["postprocess"] = _ms(mark)
+        record_stage("postprocess", mark)
         timings["total"] = _ms(started) + task.preprocess_ms
         return Outcome(
             request_id=task.request_id,
@@ -441,6 +454,7 @@ class Summarizer:
             else ErrorInfo(code=error.code, message=error.message, retryable=error.retryable),
             disconnected=disconnected,
             retries=draft.retries,
+            started_at=time.time() - timings["total"] / 1000,
         )
 
 
